@@ -1,0 +1,40 @@
+# visrec: every target installs the locked environment first if it is missing or stale.
+#   make repro   run the whole DVC pipeline on the embedded default data set, print metrics
+#   make test    run the test suite
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+UV_VERSION := 0.13.8
+TOOLS := .tools
+VENV := .venv
+UV := $(TOOLS)/bin/uv
+# The stamp names the lock file's hash: a changed lock makes the environment stale.
+LOCK_HASH := $(shell sha1sum uv.lock pyproject.toml 2>/dev/null | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.visrec-env-$(LOCK_HASH)
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export VIRTUAL_ENV := $(CURDIR)/$(VENV)
+
+.PHONY: env repro test test-fast lint clean-env
+
+env: $(STAMP)
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(STAMP): uv.lock pyproject.toml | $(UV)
+	$(UV) sync --frozen --extra dev --python $(PYTHON)
+	rm -f $(VENV)/.visrec-env-*
+	touch $@
+
+repro: env
+	dvc repro
+	dvc metrics show
+
+test: env
+	pytest
+
+test-fast: env
+	pytest -m "not slow and not integration"
+
+clean-env:
+	rm -rf $(VENV) $(TOOLS)

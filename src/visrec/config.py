@@ -1,0 +1,357 @@
+"""Typed settings loaded from ``params.yaml``, with dotted command-line overrides.
+
+``params.yaml`` is the single source of truth: each section maps onto one dataclass
+below, and ``load_config`` refuses unknown keys and wrong types with a message that
+names the key and the expected type, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1"
+CUB_MD5 = "97eceeb196236b17998738112f37df78"
+
+
+class ConfigError(ValueError):
+    """A params file or override that does not match the typed schema."""
+
+
+@dataclass
+class PathsConfig:
+    """Where each stage writes; ``dvc.yaml`` reads the same keys via ``${paths.*}``."""
+
+    raw: str = "data/raw"
+    downloads: str = "data/downloads"
+    split: str = "data/split"
+    validate: str = "data/validate"
+    metrics: str = "data/metrics"
+    extractor: str = "data/extractor"  # the finished training run (checkpoints, history)
+    export: str = "data/export"  # exported models: extractor/, detector/
+    evaluate: str = "data/evaluate"
+
+
+@dataclass
+class RuntimeConfig:
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    num_threads: int = 2
+    seed: int = 0
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded default data set: procedurally drawn bird-like objects."""
+
+    num_classes: int = 200
+    images_per_class: int = 30
+    image_size: int = 160
+    seed: int = 0
+    occlusion_prob: float = 0.25
+    clutter_shapes: int = 12
+    workers: int = 2
+
+
+@dataclass
+class DataConfig:
+    # "synthetic" (embedded default), "cub" (official archive), or a path to a local
+    # CUB_200_2011.tgz / extracted CUB_200_2011 folder.
+    source: str = "synthetic"
+    url: str = CUB_URL
+    md5: str = CUB_MD5
+    timeout_s: float = 30.0
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class SplitConfig:
+    # PaddleClas's CUB protocol: the first N classes train, the rest are unseen test classes.
+    train_classes: int = 100
+
+
+@dataclass
+class ValidateConfig:
+    min_per_class: int = 5
+    min_width: int = 32
+    min_height: int = 32
+    # Real CUB has a few boxes a pixel or two past the edge: those are clipped and
+    # counted; an overshoot larger than this fraction of the image side is an error.
+    max_box_overshoot: float = 0.1
+    report_samples: int = 16
+    max_failed_rows: int = 5
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["momentum", "adamw"] = "momentum"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    # The backbone's LR is lr * backbone_lr_mult (a lower one fine-tunes pretrained weights).
+    backbone_lr_mult: float = 1.0
+    schedule: Literal["cosine", "multistep", "constant"] = "cosine"
+    warmup_epochs: float = 1.0
+    warmup_start_lr: float = 0.0
+    eta_min: float = 0.0
+    milestones: list[int] = field(default_factory=lambda: [30, 60])
+    gamma: float = 0.1
+    grad_clip: float = 0.0  # global-norm clipping; 0 turns it off
+
+
+@dataclass
+class ImageConfig:
+    """How images reach a network: size, box crop, and the backbone's normalisation."""
+
+    size: int = 128
+    crop_to_bbox: bool = True
+    bbox_pad: float = 0.05  # fraction of the box side added around it
+    # (x * scale - mean) / std per channel; EfficientNet-Lite wants mean 127, std 128, scale 1.
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    scale: float = 0.00392156862745098  # 1/255
+    cache_images: bool = True  # decode + resize every image once into memory
+    num_workers: int = 0
+
+
+@dataclass
+class AugmentConfig:
+    resize_scale: float = 1.15  # resize to size*resize_scale, then random-crop size
+    random_resized_crop: bool = False
+    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    flip_prob: float = 0.5
+    rotate_degrees: float = 15.0
+    rotate_prob: float = 0.5
+    color_jitter: float = 0.2
+    erase_prob: float = 0.3
+    erase_sl: float = 0.02
+    erase_sh: float = 0.4
+    erase_r1: float = 0.3
+
+
+@dataclass
+class SamplerConfig:
+    classes_per_batch: int = 16  # P
+    images_per_class: int = 4  # K; batch size = P * K
+
+
+@dataclass
+class ExtractorConfig:
+    """The recognition model (Backbone + Neck + Head, each built by name) and its training."""
+
+    backbone: dict[str, Any] = field(default_factory=lambda: {"name": "mobilenet_v1", "scale": 0.5})
+    neck: dict[str, Any] = field(default_factory=lambda: {"name": "FCNeck", "embedding_size": 512})
+    head: dict[str, Any] | None = field(
+        default_factory=lambda: {"name": "ArcMarginHead", "margin": 0.2, "scale": 30.0})
+    losses: list[dict[str, Any]] = field(default_factory=lambda: [
+        {"name": "CELoss", "weight": 1.0, "epsilon": 0.1},
+        {"name": "TripletAngularMarginLoss", "weight": 1.0, "margin": 0.5},
+    ])
+    image: ImageConfig = field(default_factory=ImageConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    epochs: int = 10
+    eval_every: int = 2
+    eval_batch_size: int = 64
+    keep_last: int = 2
+    # A checkpoint directory to continue from, or "latest": the unfinished run in
+    # <paths.extractor>.run/ (training works there and is promoted when it completes).
+    resume: str | None = None
+    pretrained: str | None = None  # weights for the whole RecModel (a .pdparams); backbone-only via backbone.pretrained
+    amp: bool = False
+    seed: int = 0
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: Literal["best_model", "latest"] = "best_model"
+    onnx: bool = True
+
+
+@dataclass
+class EvaluateConfig:
+    backend: Literal["paddle", "onnx"] = "paddle"
+    batch_size: int = 64
+    max_k: int = 20  # recall@k curve up to this k
+    grid_queries: int = 6  # rows of the top-5 retrieval picture
+    baseline: bool = True  # also evaluate the same architecture with random weights
+    baseline_calib_images: int = 256  # BN statistics of the random baseline come from these
+
+
+@dataclass
+class Config:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    extractor: ExtractorConfig = field(default_factory=ExtractorConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(tp))
+        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` checked against ``tp``; raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping (section {tp.__name__}), got {value!r}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null, got {value!r}")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected bool, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected int, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected str, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp!r} in the schema")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(
+                f"unknown key '{where}' (known keys{' of ' + prefix if prefix else ''}: {', '.join(sorted(known))})"
+            )
+    kwargs = {}
+    for name in known:
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], f"{prefix}.{name}" if prefix else name)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'split.train_classes=100'`` -> (['split', 'train_classes'], 100); values are YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. split.train_classes=100")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {text!r}: empty key")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: '{part}' is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any] | None) -> Config:
+    return _build(Config, raw or {})
+
+
+def load_config(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such params file (run from the repository root or pass --params)")
+    with path.open(encoding="utf-8") as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    try:
+        return config_from_dict(apply_overrides(raw, overrides or []))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def stage_argparser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument(
+        "-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+        help="dotted override, e.g. -o split.train_classes=25 (repeatable)",
+    )
+    return parser
+
+
+def load_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.params, args.override)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {'a.b.c': value}; used for logging params."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out

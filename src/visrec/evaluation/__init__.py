@@ -1,0 +1,1 @@
+"""Evaluation of trained models, as the evaluate stage runs it."""

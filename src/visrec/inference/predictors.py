@@ -1,0 +1,81 @@
+"""One predictor class for every exported visrec model: Paddle Inference or ONNX Runtime."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from visrec.inference.export import ONNX_FILE, PADDLE_PREFIX, read_model_json
+
+logger = logging.getLogger(__name__)
+
+Backend = Literal["paddle", "onnx"]
+
+
+class Predictor:
+    """Runs an exported model on NCHW float32 batches; returns its outputs as numpy arrays."""
+
+    def __init__(self, model_dir: str | Path, backend: Backend = "paddle", num_threads: int = 2):
+        self.model_dir = Path(model_dir)
+        self.meta = read_model_json(self.model_dir)
+        self.backend = backend
+        if backend == "paddle":
+            self._run = self._paddle_runner(num_threads)
+        elif backend == "onnx":
+            self._run = self._onnx_runner(num_threads)
+        else:
+            raise ValueError(f"unknown backend {backend!r}: use 'paddle' or 'onnx'")
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if batch.ndim != 4:
+            raise ValueError(f"expected an NCHW batch, got shape {batch.shape}")
+        return self._run(batch)
+
+    def _paddle_runner(self, num_threads: int):
+        from paddle import inference
+
+        config = inference.Config(str(self.model_dir / f"{PADDLE_PREFIX}.json"),
+                                  str(self.model_dir / f"{PADDLE_PREFIX}.pdiparams"))
+        config.disable_gpu()
+        config.enable_mkldnn()
+        # Set explicitly: Paddle pins OMP_NUM_THREADS=1 at import when it is unset.
+        config.set_cpu_math_library_num_threads(num_threads)
+        config.disable_glog_info()
+        # No enable_memory_optim(): it breaks PIR (inference.json) models in Paddle 3.3.
+        predictor = inference.create_predictor(config)
+        input_name = predictor.get_input_names()[0]
+        output_names = predictor.get_output_names()
+
+        def run(batch: np.ndarray) -> list[np.ndarray]:
+            handle = predictor.get_input_handle(input_name)
+            handle.reshape(batch.shape)
+            handle.copy_from_cpu(batch)
+            predictor.run()
+            return [predictor.get_output_handle(n).copy_to_cpu() for n in output_names]
+
+        return run
+
+    def _onnx_runner(self, num_threads: int):
+        import onnxruntime as ort
+
+        path = self.model_dir / ONNX_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: export with ONNX enabled, or use backend 'paddle'")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = num_threads
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        input_name = session.get_inputs()[0].name
+
+        def run(batch: np.ndarray) -> list[np.ndarray]:
+            return list(session.run(None, {input_name: batch}))
+
+        return run

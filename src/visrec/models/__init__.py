@@ -1,0 +1,1 @@
+"""Networks: backbones, necks, heads and losses, built by name from registries."""

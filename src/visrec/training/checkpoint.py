@@ -1,0 +1,96 @@
+"""Checkpoints: ``latest``, ``best_model`` and ``epoch_N`` (the last k kept).
+
+A checkpoint is a directory holding ``model.pdparams``, ``optimizer.pdopt`` (with the LR
+schedule's state) and ``trainer_state.json``; it is written to a temporary directory and
+renamed into place, so a run killed mid-save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import paddle
+
+from visrec.utils.fs import atomic_dir
+
+MODEL_FILE = "model.pdparams"
+OPTIMIZER_FILE = "optimizer.pdopt"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    epoch: int = 0  # epochs completed
+    global_step: int = 0
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # of the last evaluation
+
+
+def _rename_optimizer_state(opt_state: dict, names: dict[str, str]) -> dict:
+    """Re-key accumulators (``<param name>_velocity_0``) through ``names`` (old -> new prefix).
+
+    Paddle keys optimiser state by run-time parameter names (``linear_6.w_0``), which
+    depend on how many layers the process built before; checkpoints use the structured
+    names of ``model.named_parameters()`` instead so a new process can resume.
+    """
+    by_length = sorted(names, key=len, reverse=True)
+    out = {}
+    for key, value in opt_state.items():
+        if key == "master_weights" and isinstance(value, dict):
+            out[key] = {names.get(k, k): v for k, v in value.items()}
+            continue
+        prefix = next((p for p in by_length if key.startswith(p + "_")), None)
+        out[names[prefix] + key[len(prefix):] if prefix else key] = value
+    return out
+
+
+def _param_names(model: paddle.nn.Layer) -> dict[str, str]:
+    """run-time name -> structured name."""
+    return {p.name: f"@{n}" for n, p in model.named_parameters()}
+
+
+def save_checkpoint(path: Path, model: paddle.nn.Layer, optimizer, state: TrainerState) -> None:
+    with atomic_dir(path) as tmp:
+        paddle.save(model.state_dict(), str(tmp / MODEL_FILE))
+        if optimizer is not None:
+            opt_state = _rename_optimizer_state(optimizer.state_dict(), _param_names(model))
+            paddle.save(opt_state, str(tmp / OPTIMIZER_FILE))
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint directory, its ``model.pdparams``, or a run directory (-> latest)."""
+    path = Path(path)
+    if path.is_file() and path.name == MODEL_FILE:
+        path = path.parent
+    if (path / "latest" / MODEL_FILE).exists():
+        path = path / "latest"
+    if not (path / MODEL_FILE).exists():
+        raise FileNotFoundError(
+            f"no checkpoint at {path}: expected a directory with {MODEL_FILE} and {STATE_FILE} "
+            "(e.g. data/extractor/checkpoints/latest)")
+    return path
+
+
+def load_checkpoint(path: str | Path, model: paddle.nn.Layer, optimizer=None) -> TrainerState:
+    path = resolve_checkpoint(path)
+    model.set_state_dict(paddle.load(str(path / MODEL_FILE)))
+    if optimizer is not None and (path / OPTIMIZER_FILE).exists():
+        structured_to_runtime = {v: k for k, v in _param_names(model).items()}
+        opt_state = _rename_optimizer_state(paddle.load(str(path / OPTIMIZER_FILE)), structured_to_runtime)
+        optimizer.set_state_dict(opt_state)
+    state_file = path / STATE_FILE
+    return TrainerState(**json.loads(state_file.read_text())) if state_file.exists() else TrainerState()
+
+
+def prune_epoch_checkpoints(ckpt_dir: Path, keep_last: int) -> None:
+    epochs = sorted(
+        (int(m.group(1)), p) for p in ckpt_dir.glob("epoch_*") if (m := re.fullmatch(r"epoch_(\d+)", p.name))
+    )
+    for _, path in epochs[: max(0, len(epochs) - keep_last)]:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,41 @@
+"""The shared shell of every ``stages/*.py`` script: args, params, logging, clean errors."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+
+from visrec.config import Config, ConfigError, load_from_args, stage_argparser
+from visrec.utils.logs import setup_logging
+
+logger = logging.getLogger("visrec.stage")
+
+
+class StageError(RuntimeError):
+    """A stage failed for a reason the user can fix; the message says how."""
+
+
+def run_stage(name: str, body: Callable[[Config], None], argv: list[str] | None = None) -> int:
+    """Parse ``--params`` / ``-o`` overrides, run ``body(config)``, map known errors to exit 1.
+
+    Any ``ValueError`` subclass raised by visrec for bad input (config, layout, split,
+    download, validation) is printed as one ``error:`` line instead of a traceback.
+    """
+    args = stage_argparser(f"visrec stage '{name}'").parse_args(argv)
+    setup_logging()
+    start = time.perf_counter()
+    try:
+        config = load_from_args(args)
+        body(config)
+    except (ConfigError, StageError, ValueError, FileNotFoundError) as exc:
+        logger.debug("stage '%s' failed", name, exc_info=True)  # VISREC_LOG_LEVEL=DEBUG shows it
+        print(f"error: stage '{name}': {exc}", file=sys.stderr)
+        return 1
+    logger.info("stage '%s' done in %.1f s", name, time.perf_counter() - start)
+    return 0
+
+
+def main(name: str, body: Callable[[Config], None]) -> None:
+    sys.exit(run_stage(name, body, sys.argv[1:]))

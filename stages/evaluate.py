@@ -1,0 +1,27 @@
+"""Stage `evaluate`: retrieval metrics of the exported extractor on the unseen classes."""
+
+import json
+from pathlib import Path
+
+from visrec.config import Config
+from visrec.data.cub import CUB_DIRNAME
+from visrec.evaluation.retrieval_eval import evaluate_extractor
+from visrec.training.extractor import MODEL_CONFIG_FILE
+from visrec.utils.fs import atomic_dir, write_json
+from visrec.utils.stage import main
+
+
+def evaluate(cfg: Config) -> None:
+    ev = cfg.evaluate
+    model_config = json.loads((Path(cfg.paths.extractor) / MODEL_CONFIG_FILE).read_text())
+    with atomic_dir(cfg.paths.evaluate) as out:
+        metrics = evaluate_extractor(
+            Path(cfg.paths.export) / "extractor", model_config, Path(cfg.paths.raw) / CUB_DIRNAME,
+            Path(cfg.paths.split), out, backend=ev.backend, num_threads=cfg.runtime.num_threads,
+            batch_size=ev.batch_size, max_k=ev.max_k, grid_queries=ev.grid_queries,
+            baseline=ev.baseline, baseline_calib_images=ev.baseline_calib_images, seed=cfg.runtime.seed)
+    write_json(Path(cfg.paths.metrics) / "evaluate.json", metrics)
+
+
+if __name__ == "__main__":
+    main("evaluate", evaluate)

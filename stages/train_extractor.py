@@ -1,0 +1,17 @@
+"""Stage `train_extractor`: metric-learning training of the recognition model (shared engine)."""
+
+from pathlib import Path
+
+from visrec.config import Config
+from visrec.data.cub import CUB_DIRNAME
+from visrec.training.extractor import run_training
+from visrec.utils.stage import main
+
+
+def train(cfg: Config) -> None:
+    run_training(cfg.extractor, Path(cfg.paths.raw) / CUB_DIRNAME, Path(cfg.paths.split),
+                 Path(cfg.paths.extractor), Path(cfg.paths.metrics) / "train_extractor.json")
+
+
+if __name__ == "__main__":
+    main("train_extractor", train)

@@ -1,0 +1,127 @@
+"""The real DVC graph on a tiny synthetic config, in a temporary copy of the repo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+TINY = {
+    "data.synthetic.num_classes": 6,
+    "data.synthetic.images_per_class": 6,
+    "data.synthetic.image_size": 64,
+    "data.synthetic.workers": 1,
+    "split.train_classes": 3,
+    "validate.min_per_class": 3,
+    "validate.report_samples": 4,
+    "extractor.backbone": {"name": "mobilenet_v1", "scale": 0.25},
+    "extractor.neck": {"name": "FCNeck", "embedding_size": 32},
+    "extractor.image.size": 32,
+    "extractor.sampler.classes_per_batch": 3,
+    "extractor.sampler.images_per_class": 2,
+    "extractor.epochs": 1,
+    "extractor.eval_every": 1,
+    "evaluate.max_k": 5,
+    "evaluate.baseline_calib_images": 16,
+}
+ALL_STAGES = {"download", "split", "validate", "train_extractor", "export", "evaluate"}
+
+
+def set_params(path: Path, values: dict) -> None:
+    """Set dotted keys in a params file (comments are not kept: it is a throwaway copy)."""
+    params = yaml.safe_load(path.read_text())
+    for dotted, value in values.items():
+        node = params
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def ran_stages(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory, repo_root) -> Path:
+    """The repo's tracked and new files (not ignored ones) in a fresh git repo."""
+    dest = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                           cwd=repo_root, capture_output=True, text=True, check=True).stdout
+    for rel in filter(None, files.split("\0")):
+        src = repo_root / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    set_params(dest / "params.yaml", TINY)
+    git = ["git", "-c", "user.name=visrec-test", "-c", "user.email=test@localhost"]
+    run(["git", "init", "-q"], dest)
+    run([*git, "add", "-A"], dest)
+    run([*git, "commit", "-q", "-m", "tiny config"], dest)
+    return dest
+
+
+def test_repro_then_nothing_then_only_downstream(repo_copy):
+    first = run(["dvc", "repro"], repo_copy)
+    assert ran_stages(first) == ALL_STAGES
+    assert (repo_copy / "data/raw/CUB_200_2011/images.txt").exists()
+    assert (repo_copy / "data/split/test_coco.json").exists()
+    assert (repo_copy / "data/validate/validation.json").exists()
+    assert (repo_copy / "data/export/extractor/model.json").exists()
+    assert (repo_copy / "data/evaluate/recall_curve.csv").exists()
+
+    metrics = json.loads(run(["dvc", "metrics", "show", "--json"], repo_copy))
+    flat = json.dumps(metrics)
+    assert '"train_images": 18' in flat and '"test_images": 18' in flat
+    assert '"recall@1"' in flat and '"baseline_recall@1"' in flat
+
+    second = run(["dvc", "repro"], repo_copy)
+    assert ran_stages(second) == set(), second
+
+    set_params(repo_copy / "params.yaml", {"split.train_classes": 4})
+    third = run(["dvc", "repro"], repo_copy)
+    assert ran_stages(third) == ALL_STAGES - {"download"}
+    stats = json.loads((repo_copy / "data/metrics/split.json").read_text())
+    assert stats["train_classes"] == 4 and stats["test_classes"] == 2
+
+
+def test_exp_run_set_param(repo_copy):
+    out = run(["dvc", "exp", "run", "validate", "-S", "split.train_classes=2"], repo_copy)
+    assert ran_stages(out) == {"split", "validate"}
+    stats = json.loads((repo_copy / "data/metrics/split.json").read_text())
+    assert stats["train_classes"] == 2
+
+
+def test_failed_validation_keeps_last_good_outputs(repo_copy):
+    run(["dvc", "repro", "validate"], repo_copy)
+    good = (repo_copy / "data/validate/validation.json").read_text()
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    proc = subprocess.run([sys.executable, "stages/validate.py", "-o", "validate.min_per_class=1000"],
+                          cwd=repo_copy, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "min_per_class" in proc.stderr and "Traceback" not in proc.stderr
+    assert (repo_copy / "data/validate/validation.json").read_text() == good
+    assert (repo_copy / "data/validate.failed/validation.json").exists()
+
+
+def test_bad_override_is_one_clear_line(repo_copy):
+    proc = subprocess.run([sys.executable, "stages/split.py", "-o", "split.train_clases=3"],
+                          cwd=repo_copy, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "unknown key 'split.train_clases'" in proc.stderr and "Traceback" not in proc.stderr

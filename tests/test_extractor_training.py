@@ -1,0 +1,89 @@
+"""The extractor trained end to end on a tiny synthetic set: checkpoints, resume, export parity."""
+
+import functools
+import json
+
+import numpy as np
+import paddle
+import pytest
+
+from visrec.config import ExtractorConfig, config_from_dict
+from visrec.inference.export import EmbeddingNet, export_extractor, read_model_json, weights_fingerprint
+from visrec.evaluation.retrieval_eval import eval_dataset_for
+from visrec.inference.predictors import Predictor
+from visrec.training import extractor as extractor_mod
+from visrec.training.engine import EngineConfig
+from visrec.training.extractor import load_trained, run_training, train_extractor
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(**extra) -> ExtractorConfig:
+    raw = {
+        "backbone": {"name": "mobilenet_v1", "scale": 0.25},
+        "neck": {"name": "FCNeck", "embedding_size": 32},
+        "image": {"size": 48},
+        "sampler": {"classes_per_batch": 4, "images_per_class": 4},
+        "optimizer": {"lr": 0.02},
+        "epochs": 2, "eval_every": 1, "eval_batch_size": 16, "seed": 1,
+    }
+    raw.update(extra)
+    return config_from_dict({"extractor": raw}).extractor
+
+
+def state(model):
+    return {k: v.numpy().copy() for k, v in model.state_dict().items()}
+
+
+def test_train_writes_run_and_metrics(tiny_cub, tmp_path):
+    raw, split = tiny_cub
+    summary = run_training(tiny_config(), raw, split, tmp_path / "extractor", tmp_path / "m.json")
+    run = tmp_path / "extractor"
+    assert not (tmp_path / "extractor.run").exists()  # promoted on success
+    assert {p.name for p in (run / "checkpoints").iterdir()} >= {"best_model", "latest", "epoch_2"}
+    history = (run / "history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,") and "val_recall@1" in history[0] and len(history) == 3
+    assert json.loads((tmp_path / "m.json").read_text()) == summary
+    assert 0.0 <= summary["best_recall@1"] <= 1.0 and summary["epochs"] == 2
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_cub, tmp_path, monkeypatch):
+    raw, split = tiny_cub
+    full_model, _ = train_extractor(tiny_config(), raw, split, tmp_path / "full")
+    # "kill" after epoch 1: the engine stops early, leaving epoch-1 checkpoints behind
+    with monkeypatch.context() as m:
+        m.setattr(extractor_mod, "EngineConfig", functools.partial(EngineConfig, stop_after_epochs=1))
+        train_extractor(tiny_config(), raw, split, tmp_path / "killed")
+    resumed_model, st = train_extractor(
+        tiny_config(resume=str(tmp_path / "killed" / "checkpoints" / "latest")), raw, split, tmp_path / "killed")
+    assert st.epoch == 2
+    a, b = state(full_model), state(resumed_model)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_export_parity_dygraph_paddle_inference_onnx(tiny_cub, tmp_path):
+    raw, split = tiny_cub
+    run_training(tiny_config(), raw, split, tmp_path / "extractor", tmp_path / "m.json")
+    model, model_cfg = load_trained(tmp_path / "extractor")
+    dataset = eval_dataset_for({"input_size": [48, 48], **model_cfg["image"]}, raw, split / "test_list.txt")
+    batch = np.stack([dataset[i][0] for i in range(0, len(dataset), 4)])
+    meta = export_extractor(model, model_cfg, tmp_path / "export")
+    assert meta == read_model_json(tmp_path / "export")
+    assert meta["embedding_dim"] == 32 and meta["input_size"] == [48, 48]
+    assert meta["fingerprint"] == weights_fingerprint(EmbeddingNet(model))
+
+    with paddle.no_grad():
+        reference = model.embed(paddle.to_tensor(batch)).numpy()
+    # trained weights and BN statistics: the images' embeddings differ by far more than
+    # the parity tolerance, so a constant or mis-fed export could not pass
+    assert np.abs(reference - reference.mean(axis=0)).max() > 100 * 1e-4
+    np.testing.assert_allclose(np.linalg.norm(reference, axis=1), 1.0, atol=1e-5)
+    for backend in ("paddle", "onnx"):
+        out = Predictor(tmp_path / "export", backend=backend)(batch)[0]
+        assert np.abs(out - reference).max() < 1e-4, backend
+
+
+def test_predictor_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an exported visrec model"):
+        Predictor(tmp_path)
