@@ -1,6 +1,7 @@
 # visrec: every target installs the locked environment first if it is missing or stale.
 #   make repro   run the whole DVC pipeline on the embedded default data set, print metrics
 #   make test    run the test suite
+#   make bench   print the speed benchmarks (bench/)
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 UV_VERSION := 0.13.8
@@ -13,7 +14,7 @@ STAMP := $(VENV)/.visrec-env-$(LOCK_HASH)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 
-.PHONY: env repro test test-fast lint clean-env
+.PHONY: env repro test test-fast bench clean-env
 
 env: $(STAMP)
 
@@ -35,6 +36,14 @@ test: env
 
 test-fast: env
 	pytest -m "not slow and not integration"
+
+# On-demand benchmarks (not part of `make test`); bench_recognition needs `make repro` first.
+bench: env
+	python bench/bench_extractor.py
+	python bench/bench_detector.py
+	python bench/bench_index.py --data clustered --sizes 10000 100000
+	python bench/bench_efficientnet_lite.py
+	python bench/bench_recognition.py
 
 clean-env:
 	rm -rf $(VENV) $(TOOLS)

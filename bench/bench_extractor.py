@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +20,8 @@ from visrec.inference.predictors import Predictor
 from visrec.models.losses import build_loss
 from visrec.training.extractor import build_model, model_config
 from visrec.utils.logs import setup_logging
+from visrec.utils.timing import rate
 
-
-def rate(fn, batch: int, repeats: int) -> float:
-    fn()  # warm-up (graph building, oneDNN primitive caches)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return batch * repeats / (time.perf_counter() - start)
 
 
 def main() -> None:

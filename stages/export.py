@@ -1,16 +1,21 @@
-"""Stage `export`: Paddle inference model + ONNX + model.json for the trained extractor."""
+"""Stage `export`: Paddle inference model + ONNX + model.json for the trained extractor and detector."""
 
 from pathlib import Path
 
 from visrec.config import Config
+from visrec.inference.detector import export_detector
 from visrec.inference.export import export_extractor
-from visrec.training.extractor import load_trained
+from visrec.training import detector as detector_training
+from visrec.training import extractor as extractor_training
 from visrec.utils.stage import main
 
 
 def export(cfg: Config) -> None:
-    model, model_cfg = load_trained(Path(cfg.paths.extractor), cfg.export.checkpoint)
-    export_extractor(model, model_cfg, Path(cfg.paths.export) / "extractor", onnx=cfg.export.onnx)
+    out = Path(cfg.paths.export)
+    model, model_cfg = extractor_training.load_trained(Path(cfg.paths.extractor), cfg.export.checkpoint)
+    export_extractor(model, model_cfg, out / "extractor", onnx=cfg.export.onnx)
+    detector, detector_cfg = detector_training.load_trained(Path(cfg.paths.detector), cfg.export.checkpoint)
+    export_detector(detector, detector_cfg, out / "detector", onnx=cfg.export.onnx)
 
 
 if __name__ == "__main__":

@@ -38,3 +38,56 @@ def tiny_cub(tmp_path_factory):
                                                   workers=1, seed=5), progress=False)
     write_split(read_cub(root), 4, base / "split")
     return root, base / "split"
+
+
+@pytest.fixture(scope="session")
+def exported_models(tiny_cub, tmp_path_factory):
+    """A tiny extractor and detector, exported as the pipeline loads them: (extractor dir, detector dir).
+
+    Random weights (training is not the point of the tests that use them), but BatchNorm
+    statistics warmed on real images, since an untrained network in eval mode outputs ~0.
+    """
+    import cv2
+    import numpy as np
+    import paddle
+
+    from visrec.config import config_from_dict
+    from visrec.data.datasets import load_image
+    from visrec.inference.detection_post import normalize_chw
+    from visrec.inference.detector import export_detector
+    from visrec.inference.export import export_extractor
+    from visrec.models.detector import build_detector
+    from visrec.models.extractor import build_rec_model
+    from visrec.training import detector as det_training
+    from visrec.training import extractor as ext_training
+
+    root, _ = tiny_cub
+    out = tmp_path_factory.mktemp("exported")
+    paddle.seed(0)
+    images = sorted((root / "images").rglob("*.jpg"))[:16]
+
+    def batch(size: int, mean, std) -> paddle.Tensor:
+        arrays = [normalize_chw(cv2.resize(load_image(p), (size, size)), mean, std, 1 / 255) for p in images]
+        return paddle.to_tensor(np.stack(arrays))
+
+    cfg = config_from_dict({
+        "extractor": {"backbone": {"name": "mobilenet_v1", "scale": 0.25},
+                      "neck": {"name": "FCNeck", "embedding_size": 32}, "image": {"size": 32}},
+        "detector": {"neck_channels": 16, "head_convs": 1, "image": {"size": 64}},
+    })
+    ext_cfg = ext_training.model_config(cfg.extractor, class_num=4)
+    model = build_rec_model(ext_cfg["backbone"], ext_cfg["neck"], ext_cfg["head"], ext_cfg["class_num"])
+    model.train()
+    with paddle.no_grad():
+        for _ in range(3):
+            model.embed(batch(32, *ext_training.normalization(cfg.extractor)))
+    export_extractor(model, ext_cfg, out / "extractor", onnx=False)
+
+    det_cfg = det_training.model_config(cfg.detector)
+    detector = build_detector(det_cfg)
+    detector.train()
+    with paddle.no_grad():
+        for _ in range(3):
+            detector(batch(64, *det_training.normalization(cfg.detector)))
+    export_detector(detector, det_cfg, out / "detector", onnx=False)
+    return out / "extractor", out / "detector"

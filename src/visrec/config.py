@@ -35,8 +35,10 @@ class PathsConfig:
     validate: str = "data/validate"
     metrics: str = "data/metrics"
     extractor: str = "data/extractor"  # the finished training run (checkpoints, history)
+    detector: str = "data/detector"  # the finished detector run (training works in data/detector.run/)
     export: str = "data/export"  # exported models: extractor/, detector/
     evaluate: str = "data/evaluate"
+    index: str = "data/index"  # build_index's lists: gallery_list.txt, queries.jsonl, calibration.json
 
 
 @dataclass
@@ -112,9 +114,10 @@ class ImageConfig:
     size: int = 128
     crop_to_bbox: bool = True
     bbox_pad: float = 0.05  # fraction of the box side added around it
-    # (x * scale - mean) / std per channel; EfficientNet-Lite wants mean 127, std 128, scale 1.
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # (x * scale - mean) / std per channel; null: the backbone's own (ImageNet's, or
+    # (x - 127) / 128 for efficientnet_lite0, whose TF-Lite weights expect it)
+    mean: list[float] | None = None
+    std: list[float] | None = None
     scale: float = 0.00392156862745098  # 1/255
     cache_images: bool = True  # decode + resize every image once into memory
     num_workers: int = 0
@@ -170,6 +173,73 @@ class ExtractorConfig:
 
 
 @dataclass
+class DetectorImageConfig:
+    """How images reach the detector: square input, resize policy, normalisation."""
+
+    size: int = 128  # network input side (a multiple of the largest stride)
+    # keep_ratio: letterbox (scale to fit, pad the rest, centred); stretch: resize to size x size
+    resize: Literal["keep_ratio", "stretch"] = "keep_ratio"
+    mean: list[float] | None = None  # null: the backbone's own normalisation
+    std: list[float] | None = None
+    scale: float = 0.00392156862745098  # 1/255
+    cache_images: bool = True  # decode every image once, longest side shrunk to `size`
+    num_workers: int = 0
+
+
+@dataclass
+class DetectorAugmentConfig:
+    """Box-safe training augmentations (every box stays whole and correct)."""
+
+    crop_prob: float = 0.5  # random crop that keeps every box inside
+    crop_min: float = 0.5  # smallest crop side, as a fraction of the image side
+    flip_prob: float = 0.5
+    zoom_out: list[float] = field(default_factory=lambda: [0.6, 1.0])  # fitted-image scale, placed at random
+    color_jitter: float = 0.3  # brightness / contrast / saturation strength
+
+
+@dataclass
+class DetectorAssignConfig:
+    """FCOS-style assignment: box size picks the levels, centre sampling picks locations."""
+
+    # per stride, the range of a box's longer side (input pixels) it handles; ranges may overlap
+    size_ranges: list[list[float]] = field(default_factory=lambda: [[0.0, 64.0], [32.0, 128.0], [64.0, 100000.0]])
+    center_radius: float = 2.5  # positives lie within radius x stride of the box centre
+
+
+@dataclass
+class DetectorConfig:
+    """The single-class mainbody detector (backbone + FPN + shared head) and its training."""
+
+    backbone: dict[str, Any] = field(default_factory=lambda: {"name": "mobilenet_v1", "scale": 0.25})
+    strides: list[int] = field(default_factory=lambda: [8, 16, 32])
+    neck_channels: int = 48  # FPN width
+    head_convs: int = 2  # depthwise-separable convs in the shared head
+    image: DetectorImageConfig = field(default_factory=DetectorImageConfig)
+    augment: DetectorAugmentConfig = field(default_factory=DetectorAugmentConfig)
+    assign: DetectorAssignConfig = field(default_factory=DetectorAssignConfig)
+    qfl_beta: float = 2.0  # quality focal loss modulation
+    giou_weight: float = 2.0
+    # post-processing (shared by evaluation and the exported detector)
+    score_threshold: float = 0.05
+    nms_iou: float = 0.5
+    max_det: int = 5  # boxes kept per image, as PP-ShiTu
+    pre_nms_top_k: int = 100
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(
+        name="adamw", lr=0.004, weight_decay=0.0001, warmup_epochs=0.5, milestones=[]))
+    batch_size: int = 32
+    epochs: int = 6
+    eval_every: int = 2
+    eval_images: int = 500  # validation images evaluated during training (0 = all); the final one uses all
+    eval_batch_size: int = 64
+    vis_images: int = 8  # validation images drawn in val_predictions.png
+    keep_last: int = 2
+    resume: str | None = None  # a checkpoint dir, or "latest" (the unfinished run in <paths.detector>.run/)
+    pretrained: str | None = None  # weights for the whole detector (a .pdparams)
+    amp: bool = False
+    seed: int = 0
+
+
+@dataclass
 class ExportConfig:
     checkpoint: Literal["best_model", "latest"] = "best_model"
     onnx: bool = True
@@ -186,6 +256,45 @@ class EvaluateConfig:
 
 
 @dataclass
+class IndexConfig:
+    """The Faiss gallery: index type and its knobs, and how the build_index stage fills it."""
+
+    index_type: Literal["HNSW32", "IVF", "FLAT"] = "HNSW32"
+    hnsw_m: int = 32
+    ef_construction: int = 64
+    ef_search: int = 64
+    nprobe: int = 16  # IVF cells searched per query
+    compact_fraction: float = 0.2  # HNSW: rebuild once this share of entries is deleted
+    delimiter: str = "\t"  # gallery list files: relative/path<delimiter>label
+    gallery_per_class: int = 5  # test-split images per class put in the gallery; the rest are queries
+    open_set_fraction: float = 0.2  # test classes left out of a gallery copy to measure rejection
+    calibration_fraction: float = 0.5  # queries used to choose the rejection threshold (rest: report)
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class RecognitionConfig:
+    """The recognition system: detector + extractor + gallery, and its post-processing."""
+
+    # What the system loads (build_index writes the gallery; the other two come from export).
+    detector: str | None = "data/export/detector"  # null: the whole image is the one object
+    extractor: str = "data/export/extractor"
+    gallery: str = "data/gallery"
+    backend: Literal["paddle", "onnx"] = "paddle"
+    num_threads: int = 2
+    det_threshold: float = 0.2  # mainbody boxes kept above this detector score
+    max_det: int = 5  # mainbody boxes per image, as PP-ShiTu
+    whole_image_box: bool = True  # also recognise the whole image, as PP-ShiTu does
+    top_k: int = 5  # gallery candidates searched per box
+    # cosine similarity a recognition needs; null uses the threshold calibrated by build_index
+    score_threshold: float | None = None
+    default_threshold: float = 0.5  # when neither is set (a gallery built without calibration)
+    nms_iou: float = 0.05  # class-agnostic NMS over recognised boxes (PP-ShiTu's rec_nms_thresold)
+    font: str | None = None  # a TTF/OTF font for visualisations; null finds a Unicode (CJK) font if any
+
+
+@dataclass
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -193,8 +302,11 @@ class Config:
     split: SplitConfig = field(default_factory=SplitConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     extractor: ExtractorConfig = field(default_factory=ExtractorConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    recognition: RecognitionConfig = field(default_factory=RecognitionConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -78,22 +78,27 @@ _LEAF = (72, 106, 52)  # occluding leaves
 
 # Nuisance strengths (tuned so that neither a colour histogram nor a random network
 # solves retrieval of unseen classes, see the module docstring).
-_COLOUR_SIGMA = 9.0  # per-part colour jitter, per channel
-_COLOUR_SHIFT = 7.0  # whole-plumage colour shift, per channel
-_LIGHT_GAMMA = (0.8, 1.25)
-_LIGHT_CAST = (0.82, 1.18)  # per-channel gain
-_LIGHT_CONTRAST = (0.7, 1.25)
-_LIGHT_BRIGHTNESS = 28.0
-_CLUTTER_MIX = (0.45, 0.8)  # P(bird palette), P(palette or backdrop); the rest is any colour
-_CLUTTER_EXTENT = (0.04, 0.3)  # shape size as a fraction of the image side
-_BACKDROP_RANDOM_P = 0.3  # chance the backdrop itself takes a clutter colour
+_COLOUR_SIGMA = 6.0  # per-part colour jitter, per channel
+_COLOUR_SHIFT = 5.0  # whole-plumage colour shift, per channel
+_LIGHT_GAMMA = (0.9, 1.1)
+_LIGHT_CAST = (0.92, 1.08)  # per-channel gain
+_LIGHT_CONTRAST = (0.85, 1.15)
+_LIGHT_BRIGHTNESS = 12.0
+_CLUTTER_MIX = (0.3, 0.8)  # P(bird palette), P(palette or backdrop); the rest is any colour
+_CLUTTER_EXTENT = (0.03, 0.15)  # shape size as a fraction of the image side
+_BACKDROP_RANDOM_P = 0.05  # chance the backdrop itself takes a clutter colour
 _NOISE = (1.0, 5.0)  # sensor noise sigma range
 _BLUR = 0.8  # max Gaussian blur sigma (blur applied above 0.3)
-_ROTATION = 35.0  # degrees either way, on top of the class posture
-_SCALE = (0.3, 0.8)  # longest object side / image side
-_HABITAT_P = 0.7  # chance an image shows its class habitat (else any habitat)
-_TEXTURE = (5.0, 22.0)  # amplitude of the low-frequency backdrop texture
-_BACKDROP_SPREAD = 35.0  # colour difference across the gradient
+_ROTATION = 20.0  # degrees either way, on top of the class posture
+_SCALE = (0.35, 0.8)  # longest object side / image side
+_SHADING = (0.2, 0.5)  # back-to-belly brightness difference
+_HABITAT_P = 0.85  # chance an image shows its class habitat (else any habitat)
+_TEXTURE = (3.0, 8.0)  # amplitude of the low-frequency backdrop texture
+_BACKDROP_SPREAD = 12.0  # colour difference across the gradient
+
+# Every class differs from every other in at least this many traits (see trait_distance).
+MIN_TRAIT_DISTANCE = 3.0
+_RECIPE_TRIES = 300
 
 BODY_PATTERNS = ("none", "bars", "spots", "streaks", "breast", "belly", "collar")
 HEAD_PATTERNS = ("none", "cap", "eye_stripe", "throat", "crest")
@@ -207,7 +212,7 @@ def _make_recipe(class_id: int, rng: np.random.Generator) -> BirdRecipe:
     head_pattern = _pick(rng, HEAD_PATTERNS)
     wing_pattern = _pick(rng, WING_PATTERNS)
     spots = tuple(
-        (float(rng.uniform(-0.7, 0.8)), float(rng.uniform(-0.5, 0.8)), float(rng.uniform(0.07, 0.13)))
+        (float(rng.uniform(-0.7, 0.8)), float(rng.uniform(-0.5, 0.8)), float(rng.uniform(0.09, 0.15)))
         for _ in range(int(rng.integers(6, 12)))
     )
     return BirdRecipe(
@@ -251,6 +256,31 @@ def _signature(r: BirdRecipe) -> tuple:
             r.head_pattern, r.wing_pattern)
 
 
+def _colour_distance(a: str, b: str) -> float:
+    """0 for the same palette colour, up to 1 for clearly different ones (Brown vs Rufous ~0.6)."""
+    return min(1.0, float(np.linalg.norm(np.subtract(PALETTE[a], PALETTE[b]))) / 120.0)
+
+
+def _pattern_distance(kind_a: str, colour_a: str, kind_b: str, colour_b: str) -> float:
+    if kind_a != kind_b:
+        return 1.0
+    return 0.0 if kind_a == "none" else 0.7 * _colour_distance(colour_a, colour_b)
+
+
+def trait_distance(a: BirdRecipe, b: BirdRecipe) -> float:
+    """How many visible traits two classes differ in (colours count by how far apart they are)."""
+    return (
+        float(a.family != b.family)
+        + _colour_distance(a.body, b.body)
+        + _colour_distance(a.wing, b.wing)
+        + _colour_distance(a.head, b.head)
+        + _pattern_distance(a.body_pattern, a.body_pattern_colour, b.body_pattern, b.body_pattern_colour)
+        + _pattern_distance(a.head_pattern, a.head_pattern_colour, b.head_pattern, b.head_pattern_colour)
+        + _pattern_distance(a.wing_pattern, a.wing_pattern_colour, b.wing_pattern, b.wing_pattern_colour)
+        + 0.3 * _colour_distance(a.beak_colour, b.beak_colour)
+    )
+
+
 def _class_name(r: BirdRecipe, taken: set[str]) -> str:
     pattern = {"none": "Plain", "bars": "Barred", "spots": "Spotted", "streaks": "Streaked",
                "breast": f"{r.body_pattern_colour}breasted", "belly": f"{r.body_pattern_colour}bellied",
@@ -265,19 +295,22 @@ def _class_name(r: BirdRecipe, taken: set[str]) -> str:
 def make_recipes(num_classes: int, seed: int) -> list[BirdRecipe]:
     """The class recipes, in class order; class k's recipe does not depend on num_classes."""
     recipes: list[BirdRecipe] = []
-    signatures: set[tuple] = set()
     names: set[str] = set()
     for class_id in range(1, num_classes + 1):
         rng = np.random.default_rng([seed, 1, class_id])
-        recipe = _make_recipe(class_id, rng)
-        for _ in range(1000):  # redraw (same stream, so still deterministic) until distinct
-            if _signature(recipe) not in signatures:
-                break
+        # Redraw (same stream, so still deterministic) until the class differs from every
+        # earlier one in several traits: near-duplicate classes would make recall a lottery.
+        best, best_distance = None, -1.0
+        for _ in range(_RECIPE_TRIES):
             recipe = _make_recipe(class_id, rng)
-        signatures.add(_signature(recipe))
-        name = _class_name(recipe, names)
+            distance = min((trait_distance(recipe, r) for r in recipes), default=math.inf)
+            if distance > best_distance:
+                best, best_distance = recipe, distance
+            if distance >= MIN_TRAIT_DISTANCE:
+                break
+        name = _class_name(best, names)
         names.add(name)
-        recipes.append(replace(recipe, name=name))
+        recipes.append(replace(best, name=name))
     return recipes
 
 
@@ -506,10 +539,11 @@ def _background(rng: np.random.Generator, size: int, clutter_shapes: int, habita
     angle = rng.uniform(0, 2 * np.pi)
     coords = (np.arange(size, dtype=np.float32) - size / 2) / size
     ramp = math.cos(angle) * coords[None, :] + math.sin(angle) * coords[:, None] + 0.5
-    img = c0[None, None, :] * (1 - ramp[..., None]) + c1[None, None, :] * ramp[..., None]
+    c0, c1 = c0.astype(np.float32), c1.astype(np.float32)
+    img = c0 + ramp[..., None] * (c1 - c0)
     grid = rng.normal(0, 1, (5, 5, 3)).astype(np.float32)
     texture = cv2.resize(grid, (size, size), interpolation=cv2.INTER_CUBIC)
-    img = (img + texture * rng.uniform(*_TEXTURE)).astype(np.float32)
+    img += texture * np.float32(rng.uniform(*_TEXTURE))
 
     for _ in range(clutter_shapes):
         colour = _random_colour(rng)
@@ -558,45 +592,54 @@ def _shape_points(shapes: list[_Shape]) -> np.ndarray:
 
 
 def _draw_object(shapes: list[_Shape], transform: np.ndarray, size: int, scale: float
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Draw the shapes supersampled; return (premultiplied RGB float32, coverage 0..1) at ``size``."""
-    big = size * _SUPERSAMPLE
-    colour = np.zeros((big, big, 3), np.float32)
-    cover = np.zeros((big, big), np.uint8)
+                 ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Draw the shapes supersampled inside the object's region of the image.
+
+    Returns (premultiplied RGB float32, coverage 0..1, (x0, y0) of the region): only the
+    region around the object is drawn, which keeps the supersampled canvases small.
+    """
+    corners = _shape_points(shapes) @ transform[:, :2].T + transform[:, 2]
+    x0, y0 = (max(0, int(v) - 2) for v in corners.min(axis=0))
+    x1, y1 = (min(size, int(v) + 3) for v in corners.max(axis=0))
+    w, h = x1 - x0, y1 - y0
+    big_w, big_h = w * _SUPERSAMPLE, h * _SUPERSAMPLE
+    colour = np.zeros((big_h, big_w, 3), np.float32)
+    cover = np.zeros((big_h, big_w), np.uint8)
     layers: dict[str, np.ndarray] = {}
     px_per_unit = scale * _SUPERSAMPLE
+    origin = np.array([x0, y0], float)
 
     def to_px(points: np.ndarray) -> np.ndarray:
-        return (points @ transform[:, :2].T + transform[:, 2]) * _SUPERSAMPLE
+        return (points @ transform[:, :2].T + transform[:, 2] - origin) * _SUPERSAMPLE
 
     for s in shapes:
-        m = np.zeros((big, big), np.uint8)
+        m = np.zeros((big_h, big_w), np.uint8)
         if s.polys:
             cv2.fillPoly(m, [_to_fixed(to_px(p), 1.0) for p in s.polys], 255, cv2.LINE_8, _SUBPIXEL_BITS)
-        for p0, p1, w in s.lines:
+        for p0, p1, width in s.lines:
             seg = to_px(np.stack([p0, p1]))
-            cv2.line(m, _pt(seg[0]), _pt(seg[1]), 255, max(1, int(round(w * px_per_unit))),
+            cv2.line(m, _pt(seg[0]), _pt(seg[1]), 255, max(1, int(round(width * px_per_unit))),
                      cv2.LINE_8, _SUBPIXEL_BITS)
         if s.clip is not None:
             m &= layers[s.clip]
         if s.layer is not None:
             layers[s.layer] = m
-        on = m > 0
-        colour[on] = s.colour
+        np.copyto(colour, s.colour.astype(np.float32), where=(m > 0)[..., None])
         cover |= m
-    colour = cv2.resize(colour, (size, size), interpolation=cv2.INTER_AREA)
-    alpha = cv2.resize(cover, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
-    return colour, alpha
+    colour = cv2.resize(colour, (w, h), interpolation=cv2.INTER_AREA)
+    alpha = cv2.resize(cover, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+    return colour, alpha, (x0, y0)
 
 
-def _shading(size: int, transform: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _shading(size: int, origin: tuple[int, int], shape: tuple[int, int], transform: np.ndarray,
+             rng: np.random.Generator) -> np.ndarray:
     """Light from above in the bird's own frame: back lighter than belly."""
     up = transform[:, :2] @ np.array([0.0, -1.0])
     up = up / (np.linalg.norm(up) + 1e-9)
-    coords = np.arange(size, dtype=np.float32) - size / 2
-    proj = (up[0] * coords[None, :] + up[1] * coords[:, None]) / size
-    strength = rng.uniform(0.2, 0.5)
-    return (1.0 + strength * proj)[..., None].astype(np.float32)
+    xs = (np.arange(origin[0], origin[0] + shape[1], dtype=np.float32) - size / 2) / size
+    ys = (np.arange(origin[1], origin[1] + shape[0], dtype=np.float32) - size / 2) / size
+    strength = rng.uniform(*_SHADING)
+    return (1.0 + strength * (up[0] * xs[None, :] + up[1] * ys[:, None]))[..., None].astype(np.float32)
 
 
 def _occluder(img: np.ndarray, box: tuple[int, int, int, int], rng: np.random.Generator) -> None:
@@ -631,13 +674,17 @@ def _occluder(img: np.ndarray, box: tuple[int, int, int, int], rng: np.random.Ge
 
 
 def _lighting(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Brightness, contrast, gamma, colour cast and sensor noise over the whole image."""
+    """Gamma, colour cast, contrast, brightness and sensor noise over the whole image."""
     gamma = rng.uniform(*_LIGHT_GAMMA)
-    out = 255.0 * (np.clip(img, 0, 255) / 255.0) ** gamma
-    out *= rng.uniform(*_LIGHT_CAST, 3).astype(np.float32)  # colour cast
-    mean = out.mean()
-    out = (out - mean) * rng.uniform(*_LIGHT_CONTRAST) + mean + rng.uniform(-_LIGHT_BRIGHTNESS, _LIGHT_BRIGHTNESS)
-    out += rng.normal(0, rng.uniform(*_NOISE), out.shape).astype(np.float32)
+    cast = rng.uniform(*_LIGHT_CAST, 3)
+    # Gamma and cast through a per-channel lookup table: far cheaper than a float power.
+    lut = (255.0 * (np.arange(256) / 255.0) ** gamma)[:, None] * cast[None, :]
+    pixels = np.clip(np.round(img), 0, 255).astype(np.uint8)
+    out = cv2.LUT(pixels, lut.reshape(256, 1, 3).astype(np.float32))
+    mean = float(out.mean())
+    out = (out - mean) * np.float32(rng.uniform(*_LIGHT_CONTRAST)) + np.float32(
+        mean + rng.uniform(-_LIGHT_BRIGHTNESS, _LIGHT_BRIGHTNESS))
+    out += rng.standard_normal(out.shape, dtype=np.float32) * np.float32(rng.uniform(*_NOISE))
     return out
 
 
@@ -672,10 +719,13 @@ def render_instance(recipe: BirdRecipe, rng: np.random.Generator, image_size: in
     offset = margin + rng.uniform(0, 1, 2) * np.maximum(room, 0) - lo * scale
     transform = np.concatenate([linear * scale, offset[:, None]], axis=1)
 
-    colour, alpha = _draw_object(shapes, transform, size, scale)
-    colour *= _shading(size, transform, rng)
-    img = bg * (1 - alpha[..., None]) + colour
-    mask = alpha > 0
+    colour, alpha, (x0, y0) = _draw_object(shapes, transform, size, scale)
+    colour *= _shading(size, (x0, y0), alpha.shape, transform, rng)
+    img = bg
+    region = img[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]]
+    region[:] = region * (1 - alpha[..., None]) + colour
+    mask = np.zeros((size, size), bool)
+    mask[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]] = alpha > 0
 
     if rng.random() < occlusion_prob:
         _occluder(img, mask_box(mask), rng)

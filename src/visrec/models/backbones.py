@@ -30,16 +30,33 @@ BackboneBuilder = Callable[..., nn.Layer]
 _BACKBONES: dict[str, BackboneBuilder] = {}
 
 
-def register_backbone(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]:
-    """Decorator adding a backbone builder to the registry under ``name``."""
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+_DEFAULT_CFGS: dict[str, dict] = {}
+
+
+def register_backbone(name: str, default_cfg: dict | None = None) -> Callable[[BackboneBuilder], BackboneBuilder]:
+    """Decorator adding a backbone builder to the registry under ``name``.
+
+    ``default_cfg`` (timm style) holds what the network expects of its input, e.g. its
+    ``mean`` / ``std`` after scaling to 0..1; backbones without one use ImageNet's.
+    """
 
     def decorator(builder: BackboneBuilder) -> BackboneBuilder:
         if name in _BACKBONES:
             raise ValueError(f"backbone {name!r} is already registered")
         _BACKBONES[name] = builder
+        _DEFAULT_CFGS[name] = dict(default_cfg or {})
         return builder
 
     return decorator
+
+
+def backbone_normalization(name: str, mean=None, std=None) -> tuple[list[float], list[float]]:
+    """``(mean, std)``: the given values, or the backbone's own where they are None."""
+    cfg = _DEFAULT_CFGS.get(name, {})
+    return (list(mean) if mean is not None else list(cfg.get("mean", IMAGENET_MEAN)),
+            list(std) if std is not None else list(cfg.get("std", IMAGENET_STD)))
 
 
 def list_backbones() -> list[str]:
@@ -455,8 +472,31 @@ def load_pretrained(model: nn.Layer, path: str | Path, strip_prefix: str = "") -
     return missing, unexpected
 
 
+def build_backbone(name: str, pretrained: str | Path | None = None, **options) -> nn.Layer:
+    """``create_backbone`` plus weights: a named set the builder knows (``"imagenet"``) or a file.
+
+    A backbone whose builder takes ``pretrained`` (e.g. ``efficientnet_lite0``) receives a
+    name like ``"imagenet"`` itself; anything else is a ``.pdparams`` path for ``load_pretrained``.
+    """
+    if name not in _BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; registered backbones: {', '.join(list_backbones())}")
+    takes_named = "pretrained" in inspect.signature(_BACKBONES[name]).parameters
+    if pretrained and takes_named and not Path(str(pretrained)).suffix:
+        return create_backbone(name, pretrained=str(pretrained), **options)
+    if pretrained and not takes_named and not Path(str(pretrained)).suffix:
+        raise ValueError(f"backbone {name!r} has no named weights like {pretrained!r}: give a .pdparams path "
+                         "(efficientnet_lite0 offers pretrained: imagenet)")
+    layer = create_backbone(name, **options)
+    if pretrained:
+        load_pretrained(layer, pretrained)
+    return layer
+
+
 def count_parameters(model: nn.Layer, trainable_only: bool = False) -> int:
     """Number of parameter values (BN running statistics count unless ``trainable_only``)."""
     return sum(
         math.prod(p.shape) for p in model.parameters() if not (trainable_only and p.stop_gradient)
     )
+
+
+from visrec.models import efficientnet_lite as _efficientnet_lite  # noqa: E402,F401  (registers efficientnet_lite0)

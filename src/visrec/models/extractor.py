@@ -14,7 +14,7 @@ import paddle
 from paddle import nn
 from paddle.nn import functional as F
 
-from visrec.models.backbones import create_backbone, load_pretrained
+from visrec.models.backbones import build_backbone
 from visrec.models.heads import create_head
 from visrec.models.necks import create_neck
 
@@ -63,7 +63,8 @@ def build_rec_model(
 ) -> RecModel:
     """Build a RecModel from ``{"name": ..., **options}`` dicts.
 
-    The backbone dict may hold ``"pretrained": path`` (loaded with ``load_pretrained``).
+    The backbone dict may hold ``"pretrained"``: a ``.pdparams`` path, or a named weight set
+    the backbone offers (``"imagenet"`` for ``efficientnet_lite0``); see ``build_backbone``.
     The neck's input is the backbone's ``out_channels`` and the head's input the neck's
     ``out_channels``; ``neck=None`` / ``{"name": "null"}`` is the identity, ``head=None`` /
     ``{"name": "null"}`` means no head (pure metric learning).
@@ -71,10 +72,7 @@ def build_rec_model(
     backbone_name, backbone_options = _split_spec(backbone, "backbone")
     if backbone_name is None:
         raise ValueError("a backbone config is required, e.g. {'name': 'mobilenet_v1', 'scale': 0.5}")
-    pretrained = backbone_options.pop("pretrained", None)
-    backbone_layer = create_backbone(backbone_name, **backbone_options)
-    if pretrained:
-        load_pretrained(backbone_layer, pretrained)
+    backbone_layer = build_backbone(backbone_name, **backbone_options)
 
     neck_name, neck_options = _split_spec(neck, "neck")
     neck_layer = create_neck(neck_name, backbone_layer.out_channels, **neck_options)

@@ -17,6 +17,7 @@ import csv
 import logging
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -140,15 +141,18 @@ class Trainer:
         self.train_model.train()
         totals: dict[str, float] = {}
         seen, steps, start = 0, 0, time.perf_counter()
+        # In a log file (DVC, Airflow) a bar redrawn every step floods it: redraw rarely.
         bar = tqdm(self.loader, desc=f"epoch {epoch}/{self.cfg.epochs}", leave=False,
-                   disable=not is_main_process(), dynamic_ncols=True)
+                   disable=not is_main_process(), dynamic_ncols=True,
+                   mininterval=0.5 if sys.stderr.isatty() else 30)
         for batch in bar:
             loss, parts = self._step(batch)
             steps += 1
             seen += int(batch[0].shape[0])
             for k, v in {"loss": float(loss), **parts}.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
-            bar.set_postfix(loss=f"{totals['loss'] / steps:.4f}", lr=f"{current_lr(self.optimizer):.2e}")
+            bar.set_postfix(loss=f"{totals['loss'] / steps:.4f}", lr=f"{current_lr(self.optimizer):.2e}",
+                            refresh=False)  # redraw at the bar's own pace (mininterval)
         if steps == 0:
             raise RuntimeError("the training loader yielded no batch: check batch size / sampler settings")
         elapsed = time.perf_counter() - start

@@ -26,10 +26,10 @@ from visrec.data.samplers import PKSampler
 from visrec.data.transforms import build_transforms, train_resize_size
 from visrec.inference.embedding import dygraph_embed_fn, embed_dataset
 from visrec.metrics.retrieval import retrieval_metrics
-from visrec.models.backbones import load_pretrained
+from visrec.models.backbones import backbone_normalization, load_pretrained
 from visrec.models.extractor import RecModel, build_rec_model, param_groups
 from visrec.models.losses import CombinedLoss, build_loss
-from visrec.training.engine import EngineConfig, Trainer, TrainerState
+from visrec.training.engine import EngineConfig, Trainer, TrainerState, is_main_process
 from visrec.training.optim import build_optimizer, build_scheduler
 from visrec.utils.fs import replace_dir, write_json
 
@@ -39,9 +39,15 @@ MODEL_CONFIG_FILE = "model_config.json"
 RETRIEVAL_KEYS = ("recall@1", "recall@5", "mAP", "MAP@R")
 
 
+def normalization(cfg: ExtractorConfig) -> tuple[list[float], list[float]]:
+    """The input mean/std: params, or the backbone's own when they are null."""
+    return backbone_normalization(cfg.backbone.get("name", ""), cfg.image.mean, cfg.image.std)
+
+
 def make_transform(cfg: ExtractorConfig, train: bool):
     img, aug = cfg.image, cfg.augment
-    common = {"mean": img.mean, "std": img.std, "scale": img.scale}
+    mean, std = normalization(cfg)
+    common = {"mean": mean, "std": std, "scale": img.scale}
     if not train:
         return build_transforms(img.size, False, **common)
     return build_transforms(
@@ -74,8 +80,9 @@ def build_model(cfg: ExtractorConfig, class_num: int) -> RecModel:
 
 def model_config(cfg: ExtractorConfig, class_num: int) -> dict[str, Any]:
     """What export and evaluation need to rebuild the network and feed it."""
+    mean, std = normalization(cfg)  # resolved: model.json must say exactly what the network expects
     return {"backbone": cfg.backbone, "neck": cfg.neck, "head": cfg.head, "class_num": class_num,
-            "image": asdict(cfg.image)}
+            "image": {**asdict(cfg.image), "mean": mean, "std": std}}
 
 
 def evaluate_retrieval(embed_fn, dataset: RetrievalDataset, batch_size: int,
@@ -127,8 +134,9 @@ def train_extractor(cfg: ExtractorConfig, raw_root: Path, split_dir: Path, out_d
                               metric="recall@1", metric_mode="max", seed=cfg.seed, amp=cfg.amp,
                               resume=cfg.resume)
     task = ExtractorTask(build_loss(cfg.losses), eval_ds, cfg.eval_batch_size)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MODEL_CONFIG_FILE).write_text(json.dumps(model_config(cfg, train_ds.num_classes), indent=2) + "\n")
+    if is_main_process():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / MODEL_CONFIG_FILE).write_text(json.dumps(model_config(cfg, train_ds.num_classes), indent=2) + "\n")
     logger.info("training %s on %d images of %d classes (%d batches of %d per epoch)",
                 cfg.backbone.get("name"), len(train_ds), train_ds.num_classes, len(sampler),
                 cfg.sampler.classes_per_batch * cfg.sampler.images_per_class)
@@ -146,18 +154,20 @@ def run_training(cfg: ExtractorConfig, raw_root: Path, split_dir: Path, out_dir:
     own checkpoints in the work directory for ``resume: latest``.
     """
     work_dir = out_dir.with_name(out_dir.name + ".run")
+    main = is_main_process()  # under paddle.distributed.launch only rank 0 touches files
     if cfg.resume == "latest":
         cfg = dataclasses.replace(cfg, resume=str(work_dir / "checkpoints" / "latest"))
-    elif cfg.resume is None and work_dir.exists():
+    elif cfg.resume is None and work_dir.exists() and main:
         shutil.rmtree(work_dir)  # a fresh run: stale checkpoints of another run would mislead
     start = time.perf_counter()
     _, state = train_extractor(cfg, raw_root, split_dir, work_dir)
     summary = {"best_recall@1": state.best_metric, "best_epoch": state.best_epoch, "epochs": state.epoch,
                "train_minutes": round((time.perf_counter() - start) / 60, 2),
                **{f"final_{k}": round(v, 6) for k, v in state.metrics.items()}}
-    write_json(work_dir / "summary.json", summary)
-    replace_dir(work_dir, out_dir)
-    write_json(metrics_file, summary)
+    if main:
+        write_json(work_dir / "summary.json", summary)
+        replace_dir(work_dir, out_dir)
+        write_json(metrics_file, summary)
     return summary
 
 

@@ -12,13 +12,18 @@ from pathlib import Path
 from typing import Any
 
 
+def fsync_path(path: str | Path) -> None:
+    """fsync a file or directory, so that a rename that follows cannot expose unwritten data."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    with contextlib.suppress(OSError):  # best effort: some file systems refuse fsync on a directory
+        fsync_path(path)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,242 @@
+"""The ``visrec`` command: recognise images, embed one, and manage the gallery.
+
+    visrec recognize photo.jpg                  # one JSON line per image
+    visrec recognize photos/ --visualize out/   # + a PNG per image with boxes and labels
+    visrec extract photo.jpg                    # the embedding as JSON
+    visrec gallery build list.txt               # a new gallery from 'relative/path<TAB>label' lines
+    visrec gallery add more.txt
+    visrec gallery remove --ids 3 --ids 7 | --label "Blue Jay"
+    visrec gallery info
+
+Settings come from ``params.yaml`` (``recognition`` and ``index`` sections) with dotted
+overrides (``-o recognition.top_k=3``). Errors are one ``error:`` line and exit code 1; a
+failed gallery change leaves the saved gallery as it was.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from visrec.config import Config, ConfigError, load_config
+
+logger = logging.getLogger("visrec.cli")
+
+app = typer.Typer(help="visrec: PP-ShiTu style recognition (detect -> embed -> search a Faiss gallery).",
+                  no_args_is_help=True, add_completion=False)
+gallery_app = typer.Typer(help="Build, change and inspect the gallery.", no_args_is_help=True)
+app.add_typer(gallery_app, name="gallery")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+ParamsOpt = Annotated[Path, typer.Option("--params", help="params file")]
+OverrideOpt = Annotated[list[str] | None, typer.Option("-o", "--override", help="dotted override KEY=VALUE")]
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed as one line."""
+
+
+def _fail_cleanly(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn expected errors into ``error: ...`` on stderr and exit code 1 (no traceback)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from visrec.utils.logs import setup_logging
+
+        setup_logging("WARNING" if "VISREC_LOG_LEVEL" not in __import__("os").environ else None)
+        try:
+            return func(*args, **kwargs)
+        except (CliError, ConfigError, ValueError, FileNotFoundError, KeyError, OSError) as exc:
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            print(f"error: {message}", file=sys.stderr)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _config(params: Path, overrides: list[str] | None) -> Config:
+    return load_config(params, overrides or [])
+
+
+def _images_in(path: Path) -> list[Path]:
+    if path.is_dir():
+        images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not images:
+            raise CliError(f"{path} holds no image ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return images
+    if not path.exists():
+        raise CliError(f"{path} does not exist: give an image file or a folder of images")
+    return [path]
+
+
+# ------------------------------------------------------------------------- recognize
+
+
+@app.command()
+@_fail_cleanly
+def recognize(
+    path: Annotated[Path, typer.Argument(help="an image, or a folder searched recursively")],
+    top_k: Annotated[int | None, typer.Option(help="gallery candidates per box")] = None,
+    threshold: Annotated[float | None, typer.Option(help="score a result needs (default: calibrated)")] = None,
+    visualize: Annotated[Path | None, typer.Option(help="write <name>.png with boxes and labels here")] = None,
+    with_topk: Annotated[bool, typer.Option("--with-topk", help="add each box's top-k candidates")] = False,
+    params: ParamsOpt = Path("params.yaml"),
+    override: OverrideOpt = None,
+) -> None:
+    """Recognise the objects in images: one JSON line per image."""
+    from visrec.data.datasets import load_image
+    from visrec.inference.pipeline import RecognitionSystem
+    from visrec.inference.visualize import save_visualization
+
+    images = _images_in(path)
+    cfg = _config(params, override)
+    system = RecognitionSystem.from_config(cfg.recognition)
+    failures = 0
+    for image_path in images:
+        try:
+            image = load_image(image_path)
+        except OSError as exc:  # one bad file in a folder does not stop the others
+            failures += 1
+            print(json.dumps({"image": str(image_path), "error": str(exc)}, ensure_ascii=False))
+            continue
+        results = system.predict(image, top_k=top_k, threshold=threshold, return_topk=with_topk)
+        print(json.dumps({"image": str(image_path), "results": results}, ensure_ascii=False), flush=True)
+        if visualize is not None:
+            save_visualization(image, results, visualize / f"{image_path.stem}.png", cfg.recognition.font)
+    if failures:
+        raise CliError(f"{failures} of {len(images)} image(s) could not be read (see their JSON lines)")
+
+
+@app.command()
+@_fail_cleanly
+def extract(
+    image: Annotated[Path, typer.Argument(help="an image file")],
+    params: ParamsOpt = Path("params.yaml"),
+    override: OverrideOpt = None,
+) -> None:
+    """Print the L2-normalised embedding of an image (the whole image) as JSON."""
+    from visrec.data.datasets import load_image
+    from visrec.inference.extractor import Extractor
+
+    cfg = _config(params, override)
+    rec = cfg.recognition
+    extractor = Extractor(rec.extractor, backend=rec.backend, num_threads=rec.num_threads)
+    vector = extractor.embed([load_image(image)])[0]
+    print(json.dumps({"image": str(image), "fingerprint": extractor.fingerprint, "dim": int(vector.size),
+                      "embedding": [round(float(v), 7) for v in vector]}))
+
+
+# ------------------------------------------------------------------------- gallery
+
+
+def _extractor(cfg: Config):
+    from visrec.inference.extractor import Extractor
+
+    rec = cfg.recognition
+    return Extractor(rec.extractor, backend=rec.backend, num_threads=rec.num_threads)
+
+
+def _load_gallery(cfg: Config, extractor=None):
+    from visrec.index.gallery import Gallery
+
+    return Gallery.load(cfg.recognition.gallery, num_threads=cfg.recognition.num_threads,
+                        expected_fingerprint=extractor.fingerprint if extractor is not None else None)
+
+
+@gallery_app.command("build")
+@_fail_cleanly
+def gallery_build(
+    list_file: Annotated[Path, typer.Argument(help="lines 'relative/path<delimiter>label'")],
+    root: Annotated[Path | None, typer.Option(help="image paths are relative to this (default: the list's folder)")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    override: OverrideOpt = None,
+) -> None:
+    """Build a new gallery from a list file (replaces the current one only once complete)."""
+    from visrec.index.build import index_params
+    from visrec.inference.gallery_ops import build_gallery, items_from_list
+
+    cfg = _config(params, override)
+    items = items_from_list(list_file, root, cfg.index.delimiter)
+    gallery = build_gallery(_extractor(cfg), items, cfg.index.index_type, cfg.recognition.num_threads,
+                            cfg.index.batch_size, meta_extra={"source": str(list_file)}, **index_params(cfg.index))
+    gallery.save(cfg.recognition.gallery)
+    print(json.dumps(gallery.info(), ensure_ascii=False))
+
+
+@gallery_app.command("add")
+@_fail_cleanly
+def gallery_add(
+    list_file: Annotated[Path, typer.Argument(help="lines 'relative/path<delimiter>label'")],
+    root: Annotated[Path | None, typer.Option(help="image paths are relative to this (default: the list's folder)")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    override: OverrideOpt = None,
+) -> None:
+    """Add images to the gallery: new labels are recognised at once, no retraining."""
+    from visrec.inference.gallery_ops import add_items, items_from_list
+
+    cfg = _config(params, override)
+    extractor = _extractor(cfg)
+    gallery = _load_gallery(cfg, extractor)
+    items = items_from_list(list_file, root, cfg.index.delimiter)
+    ids = add_items(gallery, extractor, items, cfg.index.batch_size)
+    gallery.save(cfg.recognition.gallery)
+    print(json.dumps({"added": len(ids), "ids": ids, "count": len(gallery)}, ensure_ascii=False))
+
+
+@gallery_app.command("remove")
+@_fail_cleanly
+def gallery_remove(
+    ids: Annotated[list[int] | None, typer.Option("--ids", help="gallery ids to remove (repeatable)")] = None,
+    label: Annotated[str | None, typer.Option(help="remove every image of this label")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    override: OverrideOpt = None,
+) -> None:
+    """Remove entries by id or by label (works on HNSW32, IVF and FLAT)."""
+    if bool(ids) == (label is not None):
+        raise CliError("give either --ids or --label (one of them)")
+    cfg = _config(params, override)
+    gallery = _load_gallery(cfg)
+    if label is not None:
+        removed = gallery.remove_label(label)
+        if removed == 0:
+            raise CliError(f"no gallery entry has label {label!r}: nothing removed "
+                           "(`visrec gallery info` lists the labels)")
+    else:
+        removed = gallery.remove(ids)
+    gallery.save(cfg.recognition.gallery)
+    print(json.dumps({"removed": removed, "count": len(gallery)}, ensure_ascii=False))
+
+
+@gallery_app.command("info")
+@_fail_cleanly
+def gallery_info(
+    labels: Annotated[bool, typer.Option("--labels", help="also list the labels with their counts")] = False,
+    params: ParamsOpt = Path("params.yaml"),
+    override: OverrideOpt = None,
+) -> None:
+    """Print the gallery's metadata (type, size, fingerprint, threshold) as JSON."""
+    cfg = _config(params, override)
+    gallery = _load_gallery(cfg)
+    info = gallery.info()
+    if labels:
+        counts: dict[str, int] = {}
+        for gallery_id in gallery.ids():
+            counts[gallery.label_of(gallery_id)] = counts.get(gallery.label_of(gallery_id), 0) + 1
+        info["label_counts"] = dict(sorted(counts.items()))
+    print(json.dumps(info, ensure_ascii=False, indent=2))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

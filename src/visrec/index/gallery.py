@@ -1,0 +1,531 @@
+"""The retrieval gallery: a Faiss index plus labels, per-entry metadata and provenance.
+
+A :class:`Gallery` receives embedding vectors (it never imports Paddle), L2-normalises
+them, and answers top-k cosine-similarity queries with labelled :class:`Hit`s.
+
+On disk a gallery is a directory ``G`` of immutable versions and a symlink to the live one::
+
+    G/current -> v000002-1f3a9c2e     (swapped atomically with os.replace)
+    G/v000001-.../  G/v000002-.../    (index.faiss, labels.jsonl, meta.json[, id_map.npy, tombstones.npy])
+
+A save writes ``G/.tmp-*``, fsyncs it, renames it to the next version and swaps the link,
+so a reader sees the old or the new gallery, never half of one, and a crash mid-save
+leaves the old one loadable. Labels and metadata are JSON (``ensure_ascii=False``), never
+pickle. ``Gallery.current_version(G)`` is a cheap poll for servers that hot-reload.
+
+A Gallery object is not thread-safe; a server should load a new one and swap references.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from visrec.index.faiss_index import IndexBackend, backend_class, set_num_threads
+from visrec.utils.fs import fsync_path
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+LABELS_FILE = "labels.jsonl"
+CURRENT_LINK = "current"
+LOCK_FILE = ".lock"
+_VERSION_RE = re.compile(r"^v(\d{6,})-[0-9a-f]{8}$")
+_RESERVED_KEYS = frozenset({"id", "label"})
+_BUILD_HINT = "build one with `visrec gallery build LIST`"
+
+
+class GalleryMismatchError(ValueError):
+    """The gallery was built by a different feature extractor than the one in use."""
+
+
+class GalleryNotFoundError(FileNotFoundError):
+    """The path holds no gallery."""
+
+
+class UnknownIdError(KeyError):
+    """``remove`` was asked for ids the gallery does not hold (nothing was removed)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result. ``score`` is the cosine similarity in [-1, 1]."""
+
+    id: int
+    label: str
+    score: float
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def path(self) -> str | None:
+        """The source image of the gallery entry, if it was recorded at add time."""
+        return self.metadata.get("path")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def _writer_lock(root: Path) -> Iterator[None]:
+    """Serialise writers of one gallery; readers never lock (they follow the symlink)."""
+    with open(root / LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _versions(root: Path) -> dict[str, int]:
+    return {p.name: int(m.group(1)) for p in root.iterdir() if (m := _VERSION_RE.match(p.name)) and p.is_dir()}
+
+
+class Gallery:
+    """A Faiss index of normalised vectors with labels, metadata and an extractor fingerprint.
+
+    Create with :meth:`create` (empty) or :meth:`build` (create + first add; IVF trains on
+    that batch), reopen with :meth:`load`. Ids are assigned from ``next_id`` and never
+    reused, not even after removal or HNSW compaction.
+    """
+
+    def __init__(self, backend: IndexBackend, *, fingerprint: str | None, num_threads: int = 2,
+                 entries: dict[int, tuple[str, dict[str, Any]]] | None = None, next_id: int = 0,
+                 meta_extra: dict[str, Any] | None = None, created: str | None = None,
+                 updated: str | None = None, version: str | None = None, path: Path | None = None) -> None:
+        """Low-level constructor; use :meth:`create`, :meth:`build` or :meth:`load`."""
+        self._backend = backend
+        self.fingerprint = fingerprint
+        self.num_threads = num_threads
+        self._entries = entries if entries is not None else {}
+        self.next_id = next_id
+        self.meta_extra: dict[str, Any] = dict(meta_extra or {})  # saved as meta.json "extra"
+        self.created = created or _now()
+        self.updated = updated
+        self.version = version  # uuid of the saved version this object was loaded from / saved as
+        self.path = path  # gallery root it was loaded from / last saved to
+        set_num_threads(num_threads)
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def create(cls, dim: int, index_type: str = "HNSW32", *, fingerprint: str | None = None,
+               num_threads: int = 2, meta_extra: dict[str, Any] | None = None,
+               **index_params: Any) -> Gallery:
+        """An empty gallery. ``index_params``: HNSW32 ``hnsw_m, ef_construction, ef_search,
+        compact_fraction``; IVF ``nlist`` (default: from the first add's size), ``nprobe``."""
+        if not isinstance(dim, int | np.integer) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        backend = backend_class(index_type)(int(dim), dict(index_params))
+        return cls(backend, fingerprint=fingerprint, num_threads=num_threads, meta_extra=meta_extra)
+
+    @classmethod
+    def build(cls, vectors: Any, labels: Sequence[str] | str,
+              metadata: Sequence[Mapping[str, Any] | None] | None = None, *, index_type: str = "HNSW32",
+              fingerprint: str | None = None, num_threads: int = 2,
+              meta_extra: dict[str, Any] | None = None, **index_params: Any) -> Gallery:
+        """Create a gallery sized to ``vectors`` and add them (IVF trains on exactly these)."""
+        dim = int(np.shape(vectors)[-1]) if np.ndim(vectors) >= 1 else 0
+        gallery = cls.create(dim, index_type, fingerprint=fingerprint, num_threads=num_threads,
+                             meta_extra=meta_extra, **index_params)
+        gallery.add(vectors, labels, metadata)
+        return gallery
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def dim(self) -> int:
+        return self._backend.dim
+
+    @property
+    def index_type(self) -> str:
+        return self._backend.kind
+
+    @property
+    def index_params(self) -> dict[str, Any]:
+        return dict(self._backend.params)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, gallery_id: object) -> bool:
+        return gallery_id in self._entries
+
+    def label_of(self, gallery_id: int) -> str:
+        return self._entries[int(gallery_id)][0]
+
+    def metadata_of(self, gallery_id: int) -> Mapping[str, Any]:
+        return MappingProxyType(self._entries[int(gallery_id)][1])
+
+    def ids(self) -> list[int]:
+        return sorted(self._entries)
+
+    def labels(self) -> set[str]:
+        return {label for label, _ in self._entries.values()}
+
+    def info(self) -> dict[str, Any]:
+        """A JSON-friendly summary (for logs, ``visrec gallery info`` and health endpoints)."""
+        stats = self._backend.stats()
+        return {"index_type": self.index_type, "metric": "IP", "dim": self.dim, "count": len(self),
+                "next_id": self.next_id, "labels": len(self.labels()),
+                "tombstones": stats.pop("tombstones", 0), "fingerprint": self.fingerprint,
+                "index_params": self.index_params, "version": self.version, "created": self.created,
+                "updated": self.updated, "path": str(self.path) if self.path else None,
+                "num_threads": self.num_threads, "extra": dict(self.meta_extra), **stats}
+
+    def __repr__(self) -> str:
+        return f"Gallery({self.index_type}, dim={self.dim}, count={len(self)}, next_id={self.next_id})"
+
+    # ----------------------------------------------------------------- validation
+    def _vectors(self, vectors: Any, what: str) -> np.ndarray:
+        """Validate and L2-normalise; raise ValueError naming the problem (nothing mutated)."""
+        try:
+            x = np.asarray(vectors)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{what} must be a numeric array of shape (n, {self.dim}): {exc}") from None
+        if x.dtype.kind not in "fiu":
+            raise ValueError(f"{what} must be a numeric array of shape (n, {self.dim}), got dtype {x.dtype}")
+        if x.ndim == 1:
+            x = x[None, :]
+        if x.ndim != 2:
+            raise ValueError(f"{what} must have shape (n, {self.dim}), got {x.shape}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{what} is empty: pass at least one vector of dim {self.dim}")
+        if x.shape[1] != self.dim:
+            raise ValueError(f"{what} have dim {x.shape[1]} but the gallery has dim {self.dim} "
+                             f"(extractor {self.fingerprint or 'unknown'}); embed with the same extractor "
+                             "or rebuild the gallery (`visrec gallery build LIST`)")
+        x = np.array(x, dtype=np.float32, order="C", copy=True)  # never normalise the caller's array
+        bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+        if bad.size:
+            raise ValueError(f"{what} rows {bad[:10].tolist()} contain NaN or inf; check the extractor output")
+        norms = np.linalg.norm(x, axis=1)
+        bad = np.flatnonzero(~np.isfinite(norms) | (norms < 1e-12))
+        if bad.size:
+            raise ValueError(f"{what} rows {bad[:10].tolist()} are all-zero (or overflow float32); "
+                             "they have no direction to compare")
+        x /= norms[:, None]
+        return x
+
+    @staticmethod
+    def _labels(labels: Sequence[str] | str, n: int) -> list[str]:
+        if isinstance(labels, str):  # one label for the whole batch (e.g. many views of one product)
+            labels = [labels] * n
+        labels = list(labels)
+        if len(labels) != n:
+            raise ValueError(f"got {n} vectors but {len(labels)} labels; pass one label per vector")
+        for i, label in enumerate(labels):
+            if not isinstance(label, str) or not label.strip():
+                raise ValueError(f"label {i} is {label!r}; labels must be non-empty strings")
+        return labels
+
+    @staticmethod
+    def _metadata(metadata: Sequence[Mapping[str, Any] | None] | None, n: int) -> list[dict[str, Any]]:
+        if metadata is None:
+            return [{} for _ in range(n)]
+        metadata = list(metadata)
+        if len(metadata) != n:
+            raise ValueError(f"got {n} vectors but {len(metadata)} metadata entries; pass one per vector")
+        out = []
+        for i, meta in enumerate(metadata):
+            meta = dict(meta or {})
+            if clash := _RESERVED_KEYS & set(meta):
+                raise ValueError(f"metadata {i} uses reserved key(s) {sorted(clash)}")
+            if not all(isinstance(k, str) for k in meta):
+                raise ValueError(f"metadata {i} has non-string keys; it must be a JSON object")
+            try:
+                json.dumps(meta, ensure_ascii=False)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"metadata {i} is not JSON-serialisable: {exc}") from None
+            out.append(meta)
+        return out
+
+    # ----------------------------------------------------------------- mutation
+    def add(self, vectors: Any, labels: Sequence[str] | str,
+            metadata: Sequence[Mapping[str, Any] | None] | None = None) -> list[int]:
+        """Add vectors (shape ``(n, dim)``) with one label each (or one str for all) and
+        optional per-entry metadata dicts (e.g. ``{"path": "img/1.jpg"}``). Returns new ids.
+
+        All inputs are validated before anything changes, so a rejected call leaves the
+        gallery exactly as it was. The first add to an IVF gallery trains it.
+        """
+        x = self._vectors(vectors, "vectors")
+        labels = self._labels(labels, len(x))
+        metas = self._metadata(metadata, len(x))
+        ids = np.arange(self.next_id, self.next_id + len(x), dtype=np.int64)
+        set_num_threads(self.num_threads)
+        self._backend.add(x, ids)  # may raise (e.g. IVF too small) before touching our state
+        self._entries.update(zip(ids.tolist(), zip(labels, metas, strict=True), strict=True))
+        self.next_id += len(x)
+        return ids.tolist()
+
+    def remove(self, ids: Sequence[int] | int, *, missing_ok: bool = False) -> int:
+        """Remove entries by id; returns how many were removed.
+
+        Unknown ids raise :class:`UnknownIdError` and nothing is removed, unless
+        ``missing_ok=True``, in which case they are skipped.
+        """
+        requested = np.atleast_1d(np.asarray(ids))
+        if requested.size and requested.dtype.kind not in "iu":
+            raise ValueError(f"ids must be integers, got dtype {requested.dtype}")
+        wanted = {int(i) for i in requested.ravel()}
+        unknown = sorted(wanted - self._entries.keys())
+        if unknown and not missing_ok:
+            raise UnknownIdError(f"gallery has no id(s) {unknown[:10]}{' ...' if len(unknown) > 10 else ''}; "
+                                 "nothing was removed (pass missing_ok=True to skip unknown ids)")
+        present = np.array(sorted(wanted - set(unknown)), dtype=np.int64)
+        if present.size:
+            set_num_threads(self.num_threads)
+            self._backend.remove(present)
+            for i in present.tolist():
+                del self._entries[i]
+        return int(present.size)
+
+    def remove_label(self, label: str) -> int:
+        """Remove every entry with this label; returns the count (0 if the label is absent)."""
+        return self.remove([i for i, (lab, _) in self._entries.items() if lab == label])
+
+    def tune(self, **params: Any) -> None:
+        """Change search-time index parameters in place (HNSW ``ef_search``, IVF ``nprobe``,
+        HNSW ``compact_fraction``); they are saved with the next :meth:`save`."""
+        self._backend.tune(**params)
+
+    def compact(self) -> None:
+        """Drop HNSW tombstones now (it also happens automatically); no-op for FLAT/IVF."""
+        if hasattr(self._backend, "compact"):
+            set_num_threads(self.num_threads)
+            self._backend.compact()
+
+    # ----------------------------------------------------------------- search
+    def search_arrays(self, queries: Any, top_k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+        """Raw results: ``(scores, ids)`` of shape ``(nq, top_k)``; padding is id -1, score -inf."""
+        if not isinstance(top_k, int | np.integer) or top_k < 1:
+            raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+        q = self._vectors(queries, "queries")
+        scores = np.full((len(q), top_k), -np.inf, dtype=np.float32)
+        ids = np.full((len(q), top_k), -1, dtype=np.int64)
+        k = min(int(top_k), len(self))
+        if k:
+            set_num_threads(self.num_threads)
+            s, i = self._backend.search(q, k)
+            valid = i >= 0  # selectors / IVF probing can come back short
+            scores[:, :k] = np.where(valid, s, -np.inf)
+            ids[:, :k] = np.where(valid, i, -1)
+        return scores, ids
+
+    def search(self, queries: Any, top_k: int = 5) -> list[list[Hit]]:
+        """Top-k hits per query (one list per query row, best first, possibly shorter than k)."""
+        scores, ids = self.search_arrays(queries, top_k)
+        results = []
+        for row_s, row_i in zip(scores.tolist(), ids.tolist(), strict=True):
+            hits = []
+            for s, i in zip(row_s, row_i, strict=True):
+                if i < 0 or i not in self._entries:
+                    continue
+                label, meta = self._entries[i]
+                hits.append(Hit(i, label, float(s), MappingProxyType(meta)))
+            results.append(hits)
+        return results
+
+    # ----------------------------------------------------------------- storage
+    @staticmethod
+    def current_version(path: str | Path) -> str | None:
+        """Name of the live version under ``path`` (cheap: one readlink), or None if none.
+
+        It changes on every save, so a server can poll it and reload when it differs.
+        If ``current`` is a real directory (a copy or DVC checkout materialised the link),
+        that directory is the live version and ``"current"`` is returned.
+        """
+        link = Path(path) / CURRENT_LINK
+        try:
+            return os.readlink(link)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError:  # EINVAL: not a symlink
+            return CURRENT_LINK if link.is_dir() else None
+
+    @staticmethod
+    def _resolve(path: Path) -> Path:
+        """The version directory to read for ``path`` (a gallery root or a version dir)."""
+        version = Gallery.current_version(path)
+        if version is not None:
+            return path / version
+        if (path / META_FILE).is_file():
+            return path
+        # DVC does not track symlinks: a gallery checked out from its cache has its versions but
+        # no ``current`` link. Versions appear only once complete, so the newest one is live.
+        versions = _versions(path) if path.is_dir() else {}
+        if versions:
+            newest = max(versions, key=versions.get)
+            logger.warning("%s has no '%s' link (a DVC checkout?); using the newest version %s",
+                           path, CURRENT_LINK, newest)
+            return path / newest
+        if not path.exists():
+            raise GalleryNotFoundError(f"no gallery at {path}; {_BUILD_HINT}")
+        raise GalleryNotFoundError(f"{path} is not a gallery (no '{CURRENT_LINK}' link or {META_FILE}); "
+                                   f"{_BUILD_HINT}")
+
+    @classmethod
+    def load(cls, path: str | Path, *, expected_fingerprint: str | None = None,
+             expected_dim: int | None = None, num_threads: int = 2) -> Gallery:
+        """Load the live version of the gallery at ``path``.
+
+        ``expected_fingerprint`` (the current extractor's) guards against searching
+        features of one model in a gallery embedded by another: a mismatch raises
+        :class:`GalleryMismatchError`. A version pruned by a concurrent writer while we
+        read it is retried from the new ``current``.
+        """
+        root = Path(path)
+        for attempt in range(5):
+            version_dir = cls._resolve(root)
+            try:
+                gallery = cls._read_version(version_dir, num_threads)
+                break
+            except Exception:  # a pruned version surfaces as ENOENT or as a faiss RuntimeError
+                if attempt == 4 or cls.current_version(root) in (None, version_dir.name):
+                    raise
+                logger.debug("version %s vanished while loading; retrying", version_dir.name)
+        gallery.path = root if version_dir != root else None
+        if expected_fingerprint is not None and gallery.fingerprint != expected_fingerprint:
+            raise GalleryMismatchError(
+                f"gallery {root} was built by extractor {gallery.fingerprint or '<unknown>'} but the current "
+                f"extractor is {expected_fingerprint}; features are not comparable, rebuild the gallery "
+                "with the current extractor (`visrec gallery build LIST`)")
+        if expected_dim is not None and gallery.dim != expected_dim:
+            raise GalleryMismatchError(f"gallery {root} has dim {gallery.dim} but the extractor produces "
+                                       f"dim {expected_dim}; rebuild the gallery (`visrec gallery build LIST`)")
+        logger.info("loaded gallery %s (%s)", root, gallery)
+        return gallery
+
+    @classmethod
+    def _read_version(cls, directory: Path, num_threads: int) -> Gallery:
+        meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+        if meta.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{directory / META_FILE} has format {meta.get('format')!r}, this code reads "
+                             f"format {FORMAT_VERSION}; rebuild the gallery (`visrec gallery build LIST`)")
+        set_num_threads(num_threads)  # before reading: HNSW/IVF loading may use OpenMP
+        backend = backend_class(meta["index_type"]).read(directory, int(meta["dim"]), meta["index_params"])
+        entries: dict[int, tuple[str, dict[str, Any]]] = {}
+        with open(directory / LABELS_FILE, encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    row = json.loads(line)
+                    entries[int(row.pop("id"))] = (row.pop("label"), row)
+        if not len(entries) == backend.count == meta["count"]:
+            raise ValueError(f"gallery {directory} is inconsistent: meta.json count {meta['count']}, "
+                             f"{len(entries)} labels, {backend.count} indexed vectors; rebuild it")
+        return cls(backend, fingerprint=meta.get("fingerprint"), num_threads=num_threads, entries=entries,
+                   next_id=int(meta["next_id"]), meta_extra=meta.get("extra"), created=meta.get("created"),
+                   updated=meta.get("updated"), version=meta.get("version"), path=directory)
+
+    def _write_version(self, directory: Path, meta: dict[str, Any]) -> None:
+        files = self._backend.write(directory)
+        with open(directory / LABELS_FILE, "w", encoding="utf-8") as handle:
+            for i in sorted(self._entries):
+                label, extra = self._entries[i]
+                handle.write(json.dumps({"id": i, "label": label, **extra}, ensure_ascii=False) + "\n")
+        meta_text = json.dumps(meta, ensure_ascii=False, indent=2) + "\n"
+        (directory / META_FILE).write_text(meta_text, encoding="utf-8")
+        for path in [*files, directory / LABELS_FILE, directory / META_FILE]:
+            fsync_path(path)
+        fsync_path(directory)
+
+    def save(self, path: str | Path | None = None, *, keep_versions: int = 2) -> str:
+        """Atomically publish this gallery as a new version under ``path``; returns its name.
+
+        Defaults to the path it was loaded from. Keeps the newest ``keep_versions`` versions
+        (readers still holding an older one get one save's grace). Writers are serialised
+        with a lock file; leftovers of crashed saves are cleaned up here.
+        """
+        if keep_versions < 1:
+            raise ValueError(f"keep_versions must be >= 1, got {keep_versions}")
+        if path is None and self.path is None:
+            raise ValueError("save() needs a path: this gallery was never saved or loaded from a gallery root")
+        root = Path(path) if path is not None else self.path
+        if (root / META_FILE).exists():
+            raise ValueError(f"{root} is a single gallery version, not a gallery root; save to a new directory")
+        root.mkdir(parents=True, exist_ok=True)
+        if self.current_version(root) is None and any(p.name != LOCK_FILE and not p.name.startswith(".")
+                                                      for p in root.iterdir()):
+            raise ValueError(f"refusing to save a gallery into {root}: it is a non-empty directory that is "
+                             "not a gallery; choose an empty or new directory")
+        with _writer_lock(root):
+            for stale in root.glob(".tmp-*"):  # crashed saves (we hold the writer lock)
+                shutil.rmtree(stale, ignore_errors=True)
+            for stale in root.glob(".current.tmp-*"):
+                stale.unlink(missing_ok=True)
+            self._drop_orphans(root)
+            version_uuid = uuid.uuid4().hex
+            number = max(_versions(root).values(), default=0) + 1
+            name = f"v{number:06d}-{version_uuid[:8]}"
+            updated = _now()
+            meta = {"format": FORMAT_VERSION, "index_type": self.index_type, "metric": "IP", "dim": self.dim,
+                    "count": len(self), "next_id": self.next_id, "labels": len(self.labels()),
+                    "fingerprint": self.fingerprint, "index_params": self.index_params,
+                    "version": version_uuid, "sequence": number, "created": self.created, "updated": updated,
+                    "extra": self.meta_extra}
+            try:
+                json.dumps(meta, ensure_ascii=False)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"gallery.meta_extra must be JSON-serialisable: {exc}") from None
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+            try:
+                os.chmod(tmp, 0o755)
+                self._write_version(tmp, meta)
+                os.rename(tmp, root / name)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            fsync_path(root)
+            link = root / f".current.tmp-{version_uuid}"
+            os.symlink(name, link)
+            current = root / CURRENT_LINK
+            if current.is_dir() and not current.is_symlink():  # materialised copy: make it a version
+                os.rename(current, root / f"v000000-{uuid.uuid4().hex[:8]}")  # (brief window, once)
+            os.replace(link, root / CURRENT_LINK)  # the commit point
+            fsync_path(root)
+            self.path, self.version, self.updated = root, version_uuid, updated
+            self._prune(root, keep_versions, name)
+        logger.info("saved gallery %s as %s (%d entries)", root, name, len(self))
+        return name
+
+    @staticmethod
+    def _drop_orphans(root: Path) -> None:
+        """Remove versions newer than ``current``: saves that crashed before the link swap.
+
+        Writers are serialised and every successful save makes its version current, so a
+        version numbered above the current one never went live and nobody can be reading it.
+        """
+        current = Gallery.current_version(root)
+        versions = _versions(root)
+        if current not in versions:  # no (recognisable) live version: delete nothing
+            return
+        for name, number in versions.items():
+            if number > versions[current]:
+                logger.warning("removing %s: left by a save that crashed before publishing it", root / name)
+                shutil.rmtree(root / name, ignore_errors=True)
+
+    @staticmethod
+    def _prune(root: Path, keep_versions: int, current: str) -> None:
+        versions = sorted(_versions(root).items(), key=lambda item: item[1], reverse=True)
+        keep = {name for name, _ in versions[:keep_versions]} | {current}
+        for name, _ in versions:
+            if name not in keep:
+                shutil.rmtree(root / name, ignore_errors=True)

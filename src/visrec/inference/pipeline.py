@@ -1,0 +1,183 @@
+"""The recognition system: mainbody detection -> crops -> one batched embedding -> gallery search.
+
+    system = RecognitionSystem.from_config(cfg.recognition)
+    system.predict(image_rgb)
+    # [{"bbox": [x1, y1, x2, y2], "rec_docs": "Blue Jay", "rec_scores": 0.83}, ...]
+
+Per image: the detector's top ``max_det`` boxes above ``det_threshold`` plus (by default, as
+PP-ShiTu) the whole-image box; every crop goes through the extractor in ONE batched call;
+each embedding searches the gallery (top-k); results under the score threshold are dropped;
+class-agnostic NMS over the recognised boxes, best score first, keeps one result per object.
+Without a detector (``detector: null``) the whole image is the one object.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from visrec.config import RecognitionConfig
+from visrec.inference.detection_post import nms
+from visrec.inference.detector import Detector
+from visrec.inference.extractor import Extractor
+from visrec.index.gallery import Gallery
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Timings:
+    """Seconds spent per step, summed over the calls since the last reset (for benchmarks)."""
+
+    detect: float = 0.0
+    extract: float = 0.0
+    search: float = 0.0
+    total: float = 0.0
+    images: int = 0
+    boxes: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"detect": self.detect, "extract": self.extract, "search": self.search,
+                "rest": max(0.0, self.total - self.detect - self.extract - self.search), "total": self.total,
+                "images": self.images, "boxes": self.boxes}
+
+
+class RecognitionSystem:
+    def __init__(self, extractor: Extractor, gallery: Gallery, detector: Detector | None = None,
+                 settings: RecognitionConfig | None = None):
+        self.extractor = extractor
+        self.detector = detector
+        # Only the post-processing knobs are read here; the model paths were used to load.
+        self.settings = settings or RecognitionConfig()
+        self.timings = Timings()
+        self.gallery = gallery
+        self._check_gallery(gallery)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_config(cls, rec_cfg: RecognitionConfig, gallery: Gallery | None = None) -> RecognitionSystem:
+        """Load the exported models and the gallery named in a ``RecognitionConfig``."""
+        extractor = Extractor(rec_cfg.extractor, backend=rec_cfg.backend, num_threads=rec_cfg.num_threads)
+        detector = None
+        if rec_cfg.detector:
+            detector = Detector(rec_cfg.detector, backend=rec_cfg.backend, num_threads=rec_cfg.num_threads,
+                                score_threshold=rec_cfg.det_threshold, max_det=rec_cfg.max_det)
+        if gallery is None:
+            gallery = Gallery.load(rec_cfg.gallery, expected_fingerprint=extractor.fingerprint,
+                                   num_threads=rec_cfg.num_threads)
+        return cls(extractor, gallery, detector, rec_cfg)
+
+    def _check_gallery(self, gallery: Gallery) -> None:
+        fingerprint = gallery.fingerprint
+        if fingerprint and fingerprint != self.extractor.fingerprint:
+            from visrec.index.gallery import GalleryMismatchError
+
+            raise GalleryMismatchError(
+                f"the gallery was built by extractor {fingerprint} but the loaded extractor is "
+                f"{self.extractor.fingerprint}: rebuild the gallery (`visrec gallery build LIST`)")
+        if gallery.dim != self.extractor.dim:
+            raise ValueError(f"the gallery holds {gallery.dim}-d vectors but the extractor makes "
+                             f"{self.extractor.dim}-d ones: rebuild the gallery")
+
+    def set_gallery(self, gallery: Gallery) -> None:
+        """Swap in another gallery (e.g. after an update); checked against the extractor first."""
+        self._check_gallery(gallery)
+        self.gallery = gallery
+
+    @property
+    def threshold(self) -> float:
+        """The cosine similarity a recognition needs: params, else the gallery's calibrated one."""
+        if self.settings.score_threshold is not None:
+            return float(self.settings.score_threshold)
+        calibrated = self.gallery.meta_extra.get("threshold")
+        return float(calibrated) if calibrated is not None else float(self.settings.default_threshold)
+
+    # ------------------------------------------------------------------ recognition
+
+    def boxes_for(self, image: np.ndarray) -> np.ndarray:
+        """The candidate object boxes ``[K, 4]`` x1 y1 x2 y2: detections (+ the whole image)."""
+        height, width = image.shape[:2]
+        boxes = np.zeros((0, 4), dtype=np.float32)
+        if self.detector is not None:
+            start = time.perf_counter()
+            dets = self.detector.detect_arrays([image])[0]
+            self.timings.detect += time.perf_counter() - start
+            dets = dets[dets[:, 4] >= self.settings.det_threshold][: self.settings.max_det]
+            boxes = dets[:, :4]
+        if self.detector is None or self.settings.whole_image_box or len(boxes) == 0:
+            boxes = np.concatenate([boxes, np.array([[0, 0, width, height]], dtype=np.float32)])
+        return boxes
+
+    def describe(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The candidate boxes ``[K, 4]`` of an image and their embeddings ``[K, D]`` (one batched call)."""
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an HWC uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
+        boxes = self.boxes_for(image)
+        start = time.perf_counter()
+        features = self.extractor.embed_boxes(image, boxes)
+        self.timings.extract += time.perf_counter() - start
+        return boxes, features
+
+    def recognize(self, boxes: np.ndarray, features: np.ndarray, gallery: Gallery | None = None,
+                  top_k: int | None = None, threshold: float | None = None,
+                  return_topk: bool = False) -> list[dict[str, Any]]:
+        """Search ``features`` in the gallery, threshold, NMS: the recognition results."""
+        gallery = self.gallery if gallery is None else gallery
+        if len(gallery) == 0:
+            raise ValueError("the gallery is empty: add images first (`visrec gallery add LIST`)")
+        start = time.perf_counter()
+        hits = gallery.search(features, int(top_k or self.settings.top_k))
+        self.timings.search += time.perf_counter() - start
+        return self._select(boxes, hits, self.threshold if threshold is None else float(threshold), return_topk)
+
+    def predict(self, image: np.ndarray, top_k: int | None = None, threshold: float | None = None,
+                return_topk: bool = False) -> list[dict[str, Any]]:
+        """Recognise the objects of one HWC uint8 RGB image (see the module docstring)."""
+        start = time.perf_counter()
+        if len(self.gallery) == 0:
+            raise ValueError("the gallery is empty: add images first (`visrec gallery add LIST`)")
+        boxes, features = self.describe(image)
+        results = self.recognize(boxes, features, top_k=top_k, threshold=threshold, return_topk=return_topk)
+        self.timings.total += time.perf_counter() - start
+        self.timings.images += 1
+        self.timings.boxes += len(boxes)
+        return results
+
+    def _select(self, boxes: np.ndarray, hits: Sequence[Sequence[Any]], threshold: float,
+                return_topk: bool) -> list[dict[str, Any]]:
+        """Keep boxes whose best hit passes ``threshold``; class-agnostic NMS by that score."""
+        kept, scores = [], []
+        for box, box_hits in zip(boxes, hits, strict=True):
+            if not box_hits or box_hits[0].score < threshold:
+                continue
+            kept.append((box, box_hits))
+            scores.append(box_hits[0].score)
+        if not kept:
+            return []
+        order = nms(np.stack([k[0] for k in kept]), np.asarray(scores), self.settings.nms_iou)
+        results = []
+        for i in order:
+            box, box_hits = kept[int(i)]
+            result: dict[str, Any] = {"bbox": [int(round(float(v))) for v in box],
+                                      "rec_docs": box_hits[0].label,
+                                      "rec_scores": round(float(box_hits[0].score), 6)}
+            if return_topk:
+                result["topk"] = [{"id": int(h.id), "label": h.label, "score": round(float(h.score), 6)}
+                                  for h in box_hits]
+            results.append(result)
+        return results
+
+    def top1(self, boxes: np.ndarray, features: np.ndarray, gallery: Gallery | None = None
+             ) -> tuple[str | None, float]:
+        """The system's best (label, score) for a described image, before any threshold."""
+        results = self.recognize(boxes, features, gallery=gallery, top_k=1, threshold=-2.0)
+        if not results:
+            return None, -2.0
+        return results[0]["rec_docs"], float(results[0]["rec_scores"])

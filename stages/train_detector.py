@@ -1,0 +1,17 @@
+"""Stage `train_detector`: the single-class mainbody detector (shared engine), judged on unseen species."""
+
+from pathlib import Path
+
+from visrec.config import Config
+from visrec.data.cub import CUB_DIRNAME
+from visrec.training.detector import run_training
+from visrec.utils.stage import main
+
+
+def train(cfg: Config) -> None:
+    run_training(cfg.detector, Path(cfg.paths.raw) / CUB_DIRNAME, Path(cfg.paths.split),
+                 Path(cfg.paths.detector), Path(cfg.paths.metrics) / "train_detector.json")
+
+
+if __name__ == "__main__":
+    main("train_detector", train)

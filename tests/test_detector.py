@@ -1,0 +1,486 @@
+"""The mainbody detector: assignment, loss, box-safe transforms, post-processing, COCO
+metrics, bad input, training end to end, and export parity (dygraph / Paddle Inference / ONNX)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import paddle
+import pytest
+
+from visrec.config import DetectorConfig, config_from_dict
+from visrec.data.datasets import ImageReadError, load_image
+from visrec.data.det_dataset import (
+    CropKeepingBoxes,
+    DetectionDataError,
+    DetectionDataset,
+    EpochShuffleBatchSampler,
+    HorizontalFlip,
+    ResizeToInput,
+    collate_detection,
+    read_coco,
+)
+from visrec.inference.detection_post import (
+    ResizeInfo,
+    box_iou,
+    nms,
+    postprocess,
+    resize_geometry,
+    resize_to_input,
+)
+from visrec.inference.detector import Detector, dygraph_predict_fn, export_detector, split_outputs
+from visrec.inference.export import read_model_json
+from visrec.metrics.detection import coco_detection_metrics
+from visrec.models.backbones import create_backbone
+from visrec.models.detector import (
+    DetectionLoss,
+    MainbodyDetector,
+    assign_targets,
+    build_detector,
+    build_targets,
+    make_points,
+)
+from visrec.training.detector import (
+    PREDICTIONS_PNG,
+    load_trained,
+    make_dataset,
+    postprocess_params,
+    predict_dataset,
+    run_training,
+    write_prediction_sheet,
+)
+
+STRIDES = [8, 16, 32]
+RANGES = [[0.0, 24.0], [16.0, 48.0], [40.0, 1e5]]
+
+
+@pytest.fixture(scope="module")
+def tiny_det(tmp_path_factory):
+    """Synthetic CUB (4 classes x 6 images, 64 px) and its split: classes 1-2 train, 3-4 validate."""
+    from visrec.config import SyntheticConfig
+    from visrec.data.cub import read_cub
+    from visrec.data.split import write_split
+    from visrec.data.synthetic import generate
+
+    base = tmp_path_factory.mktemp("tiny_det")
+    root = generate(base / "raw", SyntheticConfig(num_classes=4, images_per_class=6, image_size=64, workers=1),
+                    progress=False)
+    write_split(read_cub(root), 2, base / "split")
+    return root, base / "split"
+
+
+def tiny_config(**extra) -> DetectorConfig:
+    raw = {
+        "backbone": {"name": "mobilenet_v1", "scale": 0.25},
+        "neck_channels": 16, "head_convs": 1,
+        "image": {"size": 64},
+        "assign": {"size_ranges": RANGES},
+        "optimizer": {"lr": 0.01, "warmup_epochs": 0.0},
+        "batch_size": 4, "epochs": 3, "eval_every": 3, "eval_batch_size": 8, "vis_images": 2,
+        "score_threshold": 0.0, "seed": 3,
+    }
+    raw.update(extra)
+    return config_from_dict({"detector": raw}).detector
+
+
+# ------------------------------------------------------------------ assignment
+
+
+def reference_assign(points, strides, boxes, radius):
+    """Brute force, one location and one box at a time (the rule, read literally)."""
+    out = []
+    for (px, py), s in zip(points, strides):
+        best, best_area = -1, np.inf
+        for g, (x1, y1, x2, y2) in enumerate(boxes):
+            lo, hi = RANGES[STRIDES.index(int(s))]
+            side = max(x2 - x1, y2 - y1)
+            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+            ok = (lo <= side <= hi and x1 < px < x2 and y1 < py < y2
+                  and abs(px - cx) < radius * s and abs(py - cy) < radius * s)
+            area = (x2 - x1) * (y2 - y1)
+            if ok and area < best_area:
+                best, best_area = g, area
+        out.append(best)
+    return np.array(out)
+
+
+def test_assignment_on_hand_made_boxes():
+    points, strides = make_points(64, 64, STRIDES)
+    assert points.shape == (8 * 8 + 4 * 4 + 2 * 2, 2) and points[0].tolist() == [4.0, 4.0]
+    # longer sides 60 (stride 32 only), 12 (stride 8 only) and 30 (stride 16 only), overlapping
+    boxes = np.array([[2, 2, 62, 50], [10, 10, 22, 22], [30, 30, 60, 54]], dtype=np.float32)
+    assigned = assign_targets(points, strides, boxes, STRIDES, RANGES, center_radius=1.5)
+    np.testing.assert_array_equal(assigned, reference_assign(points, strides, boxes, 1.5))
+    for g, level_stride in ((0, 32), (1, 8), (2, 16)):
+        assert set(strides[assigned == g]) == {level_stride}
+    # where box 1 lies inside box 0 on a shared level the smaller box would win: check directly
+    both = np.array([[0, 0, 40, 40], [8, 8, 32, 32]], dtype=np.float32)  # sides 40 and 24: both on stride 16
+    a = assign_targets(points, strides, both, STRIDES, RANGES, center_radius=10.0)
+    centre16 = np.nonzero((strides == 16) & (points[:, 0] == 24) & (points[:, 1] == 24))[0][0]
+    assert a[centre16] == 1
+    assert (a == 0).any()  # the big box keeps the locations only it covers
+
+
+def test_a_box_smaller_than_a_cell_still_gets_one_location():
+    points, strides = make_points(64, 64, STRIDES)
+    tiny = np.array([[17.0, 17.0, 19.0, 19.0]], dtype=np.float32)  # no location centre inside it
+    assigned = assign_targets(points, strides, tiny, STRIDES, RANGES, center_radius=2.5)
+    assert (assigned == 0).sum() == 1
+    chosen = points[assigned == 0][0]
+    assert strides[assigned == 0][0] == 8 and np.hypot(*(chosen - 18)) < 8
+    assert (assign_targets(points, strides, np.zeros((0, 4)), STRIDES, RANGES, 2.5) == -1).all()
+
+
+def test_build_targets_pads_and_counts():
+    points, strides = make_points(64, 64, STRIDES)
+    gt = np.zeros((2, 2, 4), dtype=np.float32)
+    gt[0, 0] = [4, 4, 44, 44]
+    gt[1, :] = [[2, 2, 22, 22], [30, 30, 62, 62]]
+    positive, targets = build_targets(points, strides, gt, np.array([1, 2]), STRIDES, RANGES, 2.5)
+    assert positive.shape == (2, len(points)) and positive.any(axis=1).all()
+    np.testing.assert_array_equal(np.unique(targets[0][positive[0]], axis=0), gt[0, :1])
+    assert len(np.unique(targets[1][positive[1]], axis=0)) == 2
+    assert not targets[~positive].any()
+
+
+# ------------------------------------------------------------------ model + loss
+
+
+def test_model_shapes_and_strides_check():
+    model = build_detector({"backbone": {"name": "mobilenet_v1", "scale": 0.25}, "neck_channels": 16,
+                            "head_convs": 1})
+    logits, distances = model(paddle.rand([2, 3, 64, 96]))
+    assert logits.shape == [2, 8 * 12 + 4 * 6 + 2 * 3] and distances.shape == [2, logits.shape[1], 4]
+    assert float(distances.min()) > 0
+    with pytest.raises(ValueError, match="last_stride: 2"):
+        MainbodyDetector(create_backbone("pplcnetv2_base", scale=0.25), STRIDES, 16, 1)
+    with pytest.raises(ValueError, match="backbone"):
+        build_detector({"backbone": {"scale": 0.5}})
+
+
+def test_loss_is_finite_and_falls_when_overfitting_a_few_images(tiny_det):
+    root, split = tiny_det
+    paddle.seed(0)
+    cfg = tiny_config()
+    dataset = make_dataset(cfg, root, split / "train_coco.json", train=False)
+    images, boxes, counts, _ = collate_detection([dataset[i] for i in range(4)])
+    model = build_detector(cfg)
+    loss_fn = DetectionLoss(STRIDES, RANGES, center_radius=2.5)
+    optimizer = paddle.optimizer.AdamW(0.01, parameters=model.parameters())
+    x = paddle.to_tensor(images)
+    losses = []
+    for _ in range(25):
+        loss, parts = loss_fn(model, x, boxes, counts)
+        assert np.isfinite(float(loss)) and parts["pos_per_image"] > 0
+        losses.append(float(loss))
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+    assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3]), losses
+
+
+def test_loss_on_a_batch_without_boxes_is_finite_and_backpropagates():
+    model = build_detector({"backbone": {"name": "mobilenet_v1", "scale": 0.25}, "neck_channels": 8,
+                            "head_convs": 1})
+    loss, parts = DetectionLoss(STRIDES, RANGES)(model, paddle.rand([2, 3, 64, 64]),
+                                                  np.zeros((2, 1, 4), np.float32), np.zeros(2, np.int64))
+    loss.backward()
+    assert np.isfinite(float(loss)) and parts["pos_per_image"] == 0
+    assert model.head.cls.bias.grad is not None
+
+
+# ------------------------------------------------------------------ transforms
+
+
+def painted(height=60, width=90, box=(20, 10, 50, 40)):
+    """A grey image with a red rectangle exactly at ``box`` (x1 y1 x2 y2, integer pixels)."""
+    img = np.full((height, width, 3), 90, dtype=np.uint8)
+    x1, y1, x2, y2 = box
+    img[y1:y2, x1:x2] = (250, 0, 0)
+    return img, np.array([box], dtype=np.float32)
+
+
+def red_extent(img):
+    """x1 y1 x2 y2 of the pixels that are mostly red."""
+    mask = (img[..., 0] > 170) & (img[..., 1] < 90)
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float32)
+
+
+def test_flip_moves_the_box_with_the_pixels():
+    img, boxes = painted()
+    out, out_boxes = HorizontalFlip(prob=1.0)(img, boxes, np.random.default_rng(0))
+    np.testing.assert_array_equal(out_boxes[0], [40, 10, 70, 40])
+    np.testing.assert_array_equal(red_extent(out), out_boxes[0])
+
+
+def test_crop_keeps_the_whole_box_and_shifts_it():
+    img, boxes = painted()
+    crop = CropKeepingBoxes(prob=1.0, min_side=0.3)
+    sizes = set()
+    for seed in range(20):
+        out, out_boxes = crop(img, boxes, np.random.default_rng(seed))
+        sizes.add(out.shape[:2])
+        assert out.shape[0] >= 30 and out.shape[1] >= 30  # never smaller than the box
+        np.testing.assert_array_equal(red_extent(out), out_boxes[0])
+    assert len(sizes) > 5  # it really crops
+
+
+@pytest.mark.parametrize("policy", ["keep_ratio", "stretch"])
+@pytest.mark.parametrize("zoom", [(1.0, 1.0), (0.5, 0.9)])
+def test_resize_maps_the_box_onto_the_resized_pixels(policy, zoom):
+    img, boxes = painted(height=80, width=120, box=(30, 20, 90, 60))
+    resize = ResizeToInput(64, policy, zoom_out=zoom)
+    for seed in range(5):
+        out, out_boxes = resize(img, boxes, np.random.default_rng(seed))
+        assert out.shape == (64, 64, 3)
+        # interpolation blurs the edge by up to a pixel
+        np.testing.assert_allclose(red_extent(out), out_boxes[0], atol=1.0)
+
+
+def test_letterbox_geometry():
+    new_w, new_h, info = resize_geometry(200, 100, 64, "keep_ratio")
+    assert (new_w, new_h) == (64, 32) and (info.pad_x, info.pad_y) == (0, 16)
+    _, _, info = resize_geometry(200, 100, 64, "stretch")
+    assert (info.scale_x, info.scale_y, info.pad_x, info.pad_y) == (0.32, 0.64, 0, 0)
+    img, _ = resize_to_input(np.zeros((100, 200, 3), np.uint8), 64, "keep_ratio", fill=(1, 2, 3))
+    assert img[0, 0].tolist() == [1, 2, 3] and img[32, 32].tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="keep_ratio"):
+        resize_geometry(10, 10, 64, "crop")
+
+
+# ------------------------------------------------------------------ post-processing
+
+
+@pytest.mark.parametrize("policy", ["keep_ratio", "stretch"])
+def test_postprocess_maps_boxes_back_to_original_coordinates(policy):
+    original = np.array([[30.0, 40.0, 150.0, 90.0], [5.0, 5.0, 25.0, 20.0]], dtype=np.float32)
+    _, _, info = resize_geometry(200, 100, 64, policy)
+    dense = np.zeros((1, 10, 4), np.float32)
+    dense[0, :, 2:] = 1.0  # background locations: tiny boxes at the corner, score 0
+    dense[0, [3, 7]] = info.to_input(original)
+    scores = np.zeros((1, 10), np.float32)
+    scores[0, [3, 7]] = [0.9, 0.6]
+    (dets,) = postprocess(dense, scores, [info], score_threshold=0.5, nms_iou=0.5, max_det=5)
+    np.testing.assert_allclose(dets[:, :4], original, atol=1e-3)
+    np.testing.assert_allclose(dets[:, 4], [0.9, 0.6])
+    # boxes reaching into the letterbox padding are clipped to the original image
+    far = info.to_original(np.array([[-10.0, -10.0, 80.0, 80.0]]))[0]
+    np.testing.assert_allclose(far, [0, 0, 200, 100])
+
+
+def test_nms_keeps_the_best_of_overlapping_boxes_and_max_det():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60], [0, 0, 10, 10.5], [30, 0, 40, 10]],
+                     dtype=np.float32)
+    scores = np.array([0.5, 0.9, 0.4, 0.7, 0.3], dtype=np.float32)
+    np.testing.assert_array_equal(nms(boxes, scores, 0.5), [1, 2, 4])
+    np.testing.assert_array_equal(nms(boxes, scores, 0.5, max_keep=2), [1, 2])
+    np.testing.assert_array_equal(nms(boxes, scores, 0.99), [1, 3, 0, 2, 4])
+    info = ResizeInfo(1.0, 1.0, 0.0, 0.0, 100, 100)
+    (dets,) = postprocess(boxes[None], scores[None], [info], score_threshold=0.35, nms_iou=0.5, max_det=5)
+    np.testing.assert_allclose(dets[:, 4], [0.9, 0.4])  # 0.3 is under the threshold
+    (dets,) = postprocess(boxes[None], scores[None], [info], score_threshold=0.0, nms_iou=0.99, max_det=3)
+    assert len(dets) == 3 and (np.diff(dets[:, 4]) <= 0).all()
+    assert box_iou(boxes[:1], boxes[2:3])[0, 0] == 0 and box_iou(boxes[:1], boxes[:1])[0, 0] == 1
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def small_coco():
+    images = [{"id": i, "file_name": f"{i}.jpg", "width": 100, "height": 100} for i in (1, 2, 3)]
+    boxes = {1: [10, 10, 40, 30], 2: [50, 20, 30, 60], 3: [0, 0, 100, 100]}
+    anns = [{"id": i, "image_id": i, "category_id": 1, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
+            for i, b in boxes.items()]
+    return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "foreground"}]}, boxes
+
+
+def as_dets(boxes, dx=0.0, score=0.9):
+    return {i: np.array([[x + dx, y, x + w + dx, y + h, score]]) for i, (x, y, w, h) in boxes.items()}
+
+
+def test_metrics_perfect_and_shifted_boxes():
+    coco, boxes = small_coco()
+    perfect = coco_detection_metrics(coco, as_dets(boxes), max_det=5)
+    assert perfect == pytest.approx({"det_mAP": 1.0, "det_AP50": 1.0, "det_recall50": 1.0, "AP50": 1.0})
+    slightly = coco_detection_metrics(coco, as_dets(boxes, dx=5.0), max_det=5)
+    assert slightly["det_AP50"] == pytest.approx(1.0) and slightly["det_mAP"] < 0.9
+    far = coco_detection_metrics(coco, as_dets(boxes, dx=60.0), max_det=5)
+    assert far["det_AP50"] < 0.4 and far["det_recall50"] < 0.4
+    nothing = coco_detection_metrics(coco, {}, image_ids=[1, 2, 3])
+    assert nothing["det_AP50"] == 0.0
+    with pytest.raises(ValueError, match="not in the ground truth"):
+        coco_detection_metrics(coco, {9: np.zeros((0, 5))})
+
+
+# ------------------------------------------------------------------ data + bad input
+
+
+def write_coco(path: Path, images, annotations):
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": [{"id": 1, "name": "foreground"}]}))
+    return path
+
+
+@pytest.fixture()
+def small_set(tmp_path):
+    """Four 48x40 images: ok, missing file, zero-area box, no box; plus a corrupt one."""
+    root = tmp_path / "CUB_200_2011"
+    (root / "images").mkdir(parents=True)
+    images, anns = [], []
+    for i in range(1, 6):
+        name = f"images/{i}.jpg"
+        images.append({"id": i, "file_name": name, "width": 48, "height": 40})
+        if i != 2:  # image 2 is missing
+            cv2.imwrite(str(root / name), np.full((40, 48, 3), 40 * i, np.uint8))
+    (root / "images" / "5.jpg").write_bytes(b"not a jpeg at all")
+    for i, box in ((1, [4, 4, 20, 20]), (2, [4, 4, 20, 20]), (3, [10, 10, 0, 8]), (5, [1, 1, 10, 10])):
+        anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": box})
+    return root, write_coco(tmp_path / "coco.json", images, anns)
+
+
+def test_bad_entries_are_counted_and_skipped(small_set, caplog):
+    root, coco = small_set
+    records, skipped = read_coco(coco, root)
+    assert [r.image_id for r in records] == [1, 5]
+    # image 3's only box has zero area, so it is also left without a box; image 4 never had one
+    assert skipped == Counter({"missing_image": 1, "zero_area_box": 1, "no_box": 2})
+    assert "skipped 4 entries" in caplog.text
+    dataset = DetectionDataset(root, coco, size=32)
+    dataset.preload()  # the corrupt image is found here, before any training step
+    assert dataset.image_ids == [1] and dataset.skipped["unreadable_image"] == 1
+    image, boxes, image_id = dataset[0]
+    assert image.shape == (3, 32, 32) and image_id == 1
+    # 48x40 letterboxed on 32: 32x27 drawn (y scale 27/40), 2 rows of padding above
+    np.testing.assert_allclose(boxes, [[4 * 32 / 48, 4 * 27 / 40 + 2, 24 * 32 / 48, 24 * 27 / 40 + 2]], atol=1e-4)
+
+
+def test_bad_entries_raise_clear_errors_when_asked(small_set, tmp_path):
+    root, coco = small_set
+    with pytest.raises(DetectionDataError, match=r"image 3 has a box of zero area \[10, 10, 0, 8\].*on_bad='skip'"):
+        read_coco(coco, root, on_bad="error")
+    data = json.loads(coco.read_text())
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != 3]
+    write_coco(coco, data["images"], data["annotations"])
+    with pytest.raises(DetectionDataError, match="image 2 file .*2.jpg does not exist"):
+        read_coco(coco, root, on_bad="error")
+    only_bad = write_coco(tmp_path / "bad.json", [{"id": 3, "file_name": "images/3.jpg", "width": 48, "height": 40}],
+                          [{"id": 1, "image_id": 3, "category_id": 1, "bbox": [1, 1, 0, 0]}])
+    with pytest.raises(DetectionDataError, match="no usable image"):
+        read_coco(only_bad, root)
+    corrupt = write_coco(tmp_path / "corrupt.json", [{"id": 5, "file_name": "images/5.jpg", "width": 48, "height": 40}],
+                         [{"id": 1, "image_id": 5, "category_id": 1, "bbox": [1, 1, 10, 10]}])
+    with pytest.raises(ImageReadError, match="5.jpg.*not a decodable image"):
+        DetectionDataset(root, corrupt, size=32, cache_images=False)[0]
+    with pytest.raises(DetectionDataError, match="no readable image"):
+        DetectionDataset(root, corrupt, size=32).preload()
+    with pytest.raises(DetectionDataError, match="split stage"):
+        read_coco(tmp_path / "absent.json", root)
+
+
+def test_collate_and_sampler():
+    samples = [(np.zeros((3, 8, 8), np.float32), np.ones((k, 4), np.float32), np.int64(k)) for k in (2, 0, 1)]
+    images, boxes, counts, ids = collate_detection(samples)
+    assert images.shape == (3, 3, 8, 8) and boxes.shape == (3, 2, 4)
+    assert counts.tolist() == [2, 0, 1] and ids.tolist() == [2, 0, 1] and not boxes[1].any()
+    sampler = EpochShuffleBatchSampler(10, 4, seed=1)
+    sampler.set_epoch(3)
+    first = list(sampler)
+    sampler.set_epoch(3)
+    assert list(sampler) == first and len(first) == 2 == len(sampler)
+    with pytest.raises(ValueError, match="batch_size"):
+        EpochShuffleBatchSampler(3, 4)
+
+
+def test_training_samples_keep_boxes_on_the_object(tiny_det):
+    root, split = tiny_det
+    cfg = tiny_config(augment={"crop_prob": 1.0, "flip_prob": 0.5, "zoom_out": [0.5, 1.0]})
+    dataset = make_dataset(cfg, root, split / "train_coco.json", train=True)
+    for index in range(4):
+        for epoch in (0, 1):
+            dataset.set_epoch(epoch)
+            image, boxes, _ = dataset[index]
+            assert image.shape == (3, 64, 64) and boxes.shape == (1, 4)
+            x1, y1, x2, y2 = boxes[0]
+            assert 0 <= x1 < x2 <= 64 and 0 <= y1 < y2 <= 64 and (x2 - x1) * (y2 - y1) > 16
+
+
+# ------------------------------------------------------------------ end to end + export
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_det, tmp_path_factory):
+    root, split = tiny_det
+    out = tmp_path_factory.mktemp("det_run")
+    cfg = tiny_config(epochs=12, eval_every=6, optimizer={"lr": 0.02, "warmup_epochs": 0.0})
+    summary = run_training(cfg, root, split, out / "detector", out / "metrics.json")
+    return out, summary
+
+
+def test_training_writes_run_metrics_and_picture(trained_run):
+    out, summary = trained_run
+    run = out / "detector"
+    assert not (out / "detector.run").exists()  # promoted on success
+    assert {p.name for p in (run / "checkpoints").iterdir()} >= {"best_model", "latest", "epoch_12"}
+    header = (run / "history.csv").read_text().splitlines()[0]
+    assert "val_AP50" in header and "train_qfl" in header and "train_giou" in header
+    assert json.loads((out / "metrics.json").read_text()) == summary
+    assert {"det_mAP", "det_AP50", "det_recall50"} <= summary.keys() and summary["val_images"] == 12
+    assert all(0.0 <= summary[k] <= 1.0 for k in ("det_mAP", "det_AP50", "det_recall50"))
+    picture = cv2.imread(str(run / PREDICTIONS_PNG))
+    assert picture is not None and picture.shape[0] >= 100
+
+
+def test_export_parity_dygraph_paddle_inference_onnx(trained_run, tiny_det, tmp_path):
+    out, _ = trained_run
+    root, split = tiny_det
+    model, model_cfg = load_trained(out / "detector")
+    cfg = tiny_config()
+    dataset = make_dataset(cfg, root, split / "test_coco.json", train=False)
+    batch = np.stack([dataset[i][0] for i in range(len(dataset))])
+    boxes, scores = dygraph_predict_fn(model)(batch)
+    # a trained net: outputs differ across images and locations by far more than the tolerance
+    assert scores.std() > 1e-3 and np.abs(boxes - boxes.mean(axis=0)).max() > 1.0
+
+    meta = export_detector(model, model_cfg, tmp_path / "export")
+    assert meta == read_model_json(tmp_path / "export")
+    assert meta["kind"] == "detector" and meta["input_size"] == [64, 64] and meta["resize"] == "keep_ratio"
+    assert meta["strides"] == STRIDES and meta["max_det"] == 5
+    post = {**postprocess_params(cfg), "score_threshold": 0.0}
+    infos = [dataset.resize_info(i) for i in range(len(dataset))]
+    reference = postprocess(boxes, scores, infos, **post)
+    assert all(len(d) == 5 for d in reference)
+    for backend in ("paddle", "onnx"):
+        detector = Detector(tmp_path / "export", backend=backend, num_threads=1, score_threshold=0.0)
+        got = detector.postprocess(*detector.predict_dense(batch), infos)
+        for ref, det in zip(reference, got, strict=True):
+            assert ref.shape == det.shape
+            np.testing.assert_allclose(det[:, :4], ref[:, :4], atol=1e-3, err_msg=backend)
+            np.testing.assert_allclose(det[:, 4], ref[:, 4], atol=1e-4, err_msg=backend)
+        # from raw images: Detector's own preprocessing equals the evaluation dataset's
+        images = [load_image(r.path) for r in dataset.records[:3]]
+        from_images = detector.detect_batch(images)
+        for ref, det in zip(reference[:3], from_images, strict=True):
+            np.testing.assert_allclose(np.array(det), ref, atol=1e-3)
+        assert detector(images[0]) == from_images[0]
+
+    dygraph = predict_dataset(dygraph_predict_fn(model), dataset, 5, post)
+    np.testing.assert_allclose(dygraph[dataset.image_ids[0]], reference[0], atol=1e-5)
+    assert split_outputs([scores, boxes])[0] is boxes
+    with pytest.raises(ValueError, match="not a detector"):
+        (tmp_path / "other").mkdir()
+        (tmp_path / "other" / "model.json").write_text(json.dumps({"kind": "extractor"}))
+        Detector(tmp_path / "other")
+
+
+def test_prediction_sheet_draws_images_with_no_detection(tiny_det, tmp_path):
+    """An undertrained detector may find nothing above the threshold: the picture is still drawn."""
+    root, split = tiny_det
+    dataset = make_dataset(tiny_config(), root, split / "test_coco.json", train=False)
+    path = write_prediction_sheet(dataset, {}, tmp_path / "sheet.png", count=2, tile=64)
+    picture = cv2.imread(str(path))
+    assert picture is not None and picture.shape[:2] == (64, 128)

@@ -1,0 +1,336 @@
+"""The recognition system: extractor wrapper, pipeline, threshold calibration, visualisation, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from visrec.cli import app
+from visrec.config import RecognitionConfig
+from visrec.data.cub import read_cub
+from visrec.data.datasets import load_image, read_list
+from visrec.evaluation.system_eval import (
+    choose_threshold,
+    class_label,
+    open_set_metrics,
+    split_for_system,
+)
+from visrec.index.gallery import Gallery, GalleryMismatchError, Hit
+from visrec.index.listfile import write_list_file
+from visrec.inference.extractor import Extractor
+from visrec.inference.gallery_ops import GalleryItem, build_gallery
+from visrec.inference.pipeline import RecognitionSystem
+from visrec.inference.visualize import draw_results, save_visualization
+
+UNICODE_LABEL = "元气森林 sparkling water"
+
+
+def rec_config(exported, gallery: Path, detector: bool = True, **extra) -> RecognitionConfig:
+    extractor_dir, detector_dir = exported
+    return RecognitionConfig(extractor=str(extractor_dir), detector=str(detector_dir) if detector else None,
+                             gallery=str(gallery), **extra)
+
+
+@pytest.fixture(scope="module")
+def test_images(tiny_cub):
+    root, split = tiny_cub
+    meta = read_cub(root)
+    test_ids = {e.unique_id for e in read_list(split / "test_list.txt")}
+    return [im for im in meta.images if im.image_id in test_ids], meta
+
+
+@pytest.fixture(scope="module")
+def whole_image_gallery(exported_models, test_images, tmp_path_factory):
+    """Every test image, whole, labelled by class name (names hold spaces); saved to disk."""
+    images, meta = test_images
+    extractor = Extractor(exported_models[0])
+    items = [GalleryItem(meta.root / im.rel_path, class_label(meta.classes[im.class_id])) for im in images]
+    gallery = build_gallery(extractor, items, "FLAT", progress=False)
+    path = tmp_path_factory.mktemp("gallery") / "gallery"
+    gallery.save(path)
+    return path, items
+
+
+# ----------------------------------------------------------------------------- extractor
+
+
+def test_extractor_embeds_normalised_vectors_in_batches(exported_models, test_images):
+    images, meta = test_images
+    extractor = Extractor(exported_models[0], batch_size=3)
+    pictures = [load_image(meta.root / im.rel_path) for im in images[:7]]
+    vectors = extractor.embed(pictures)
+    assert vectors.shape == (7, extractor.dim)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    one_by_one = np.concatenate([extractor.embed([p]) for p in pictures])
+    np.testing.assert_allclose(vectors, one_by_one, atol=1e-5)  # batching changes nothing
+    assert extractor.embed([]).shape == (0, extractor.dim)
+
+
+def test_extractor_refuses_a_detector_export(exported_models):
+    with pytest.raises(ValueError, match="not an extractor"):
+        Extractor(exported_models[1])
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def test_gallery_image_is_recognised_as_its_label_without_detector(exported_models, whole_image_gallery):
+    path, items = whole_image_gallery
+    system = RecognitionSystem.from_config(rec_config(exported_models, path, detector=False, score_threshold=0.0))
+    for item in items[:5]:
+        image = load_image(item.path)
+        results = system.predict(image)
+        assert len(results) == 1
+        result = results[0]
+        assert set(result) == {"bbox", "rec_docs", "rec_scores"}
+        assert result["bbox"] == [0, 0, image.shape[1], image.shape[0]]  # the whole image is the object
+        assert result["rec_docs"] == item.label and result["rec_scores"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_pipeline_with_detector_output_format_and_topk(exported_models, whole_image_gallery):
+    path, items = whole_image_gallery
+    system = RecognitionSystem.from_config(rec_config(exported_models, path, det_threshold=0.0,
+                                                      score_threshold=-1.0, nms_iou=0.9))
+    image = load_image(items[0].path)
+    results = system.predict(image, top_k=3, return_topk=True)
+    assert 1 <= len(results) <= system.settings.max_det + 1
+    height, width = image.shape[:2]
+    scores = [r["rec_scores"] for r in results]
+    assert scores == sorted(scores, reverse=True)
+    for r in results:
+        x1, y1, x2, y2 = r["bbox"]
+        assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
+        assert isinstance(r["rec_docs"], str) and len(r["topk"]) == 3
+        assert r["topk"][0]["label"] == r["rec_docs"] and all(isinstance(c["id"], int) for c in r["topk"])
+    # the whole-image box is one of the candidates, and it matches its own gallery entry exactly
+    assert any(r["bbox"] == [0, 0, width, height] and r["rec_docs"] == items[0].label for r in results)
+    json.dumps(results)  # plain JSON types only
+
+
+def test_threshold_comes_from_params_then_gallery_then_default(exported_models, whole_image_gallery, tmp_path):
+    path, _ = whole_image_gallery
+    gallery = Gallery.load(path)
+    extractor = Extractor(exported_models[0])
+    assert RecognitionSystem(extractor, gallery, settings=RecognitionConfig(default_threshold=0.3)).threshold == 0.3
+    gallery.meta_extra["threshold"] = 0.61
+    assert RecognitionSystem(extractor, gallery).threshold == pytest.approx(0.61)
+    assert RecognitionSystem(extractor, gallery, settings=RecognitionConfig(score_threshold=0.9)).threshold == 0.9
+    # above every score: nothing is recognised, and that is an empty list, not an error
+    system = RecognitionSystem(extractor, gallery, settings=RecognitionConfig(score_threshold=1.01))
+    assert system.predict(load_image(gallery.metadata_of(0)["path"])) == []
+
+
+def test_results_are_deduplicated_by_class_agnostic_nms(exported_models, whole_image_gallery):
+    path, _ = whole_image_gallery
+    system = RecognitionSystem(Extractor(exported_models[0]), Gallery.load(path),
+                               settings=RecognitionConfig(nms_iou=0.3))
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]], dtype=np.float32)
+    hits = [[Hit(1, "a", 0.7)], [Hit(2, "b", 0.9)], [Hit(3, "c", 0.2)]]
+    results = system._select(boxes, hits, threshold=0.5, return_topk=False)
+    assert [r["rec_docs"] for r in results] == ["b"]  # "a" overlaps the better "b"; "c" is under the threshold
+
+
+def test_gallery_made_by_another_extractor_is_refused(exported_models, tmp_path):
+    extractor = Extractor(exported_models[0])
+    other = Gallery.build(np.eye(extractor.dim, dtype=np.float32)[:3], ["x", "y", "z"], index_type="FLAT",
+                          fingerprint="0123456789abcdef")
+    with pytest.raises(GalleryMismatchError, match="rebuild"):
+        RecognitionSystem(extractor, other)
+    other.save(tmp_path / "g")
+    with pytest.raises(GalleryMismatchError, match="rebuild"):
+        RecognitionSystem.from_config(rec_config(exported_models, tmp_path / "g", detector=False))
+
+
+def test_empty_gallery_is_a_clear_error(exported_models, test_images):
+    images, meta = test_images
+    extractor = Extractor(exported_models[0])
+    gallery = Gallery.create(extractor.dim, "FLAT", fingerprint=extractor.fingerprint)
+    system = RecognitionSystem(extractor, gallery)
+    with pytest.raises(ValueError, match="gallery is empty"):
+        system.predict(load_image(meta.root / images[0].rel_path))
+
+
+def test_real_cub_photo_gives_the_documented_format(exported_models, cub_subset, tmp_path):
+    meta = read_cub(cub_subset)
+    photos = [meta.root / im.rel_path for im in meta.images[:3]]
+    extractor = Extractor(exported_models[0])
+    gallery = build_gallery(extractor, [GalleryItem(p, "Black footed Albatross") for p in photos], "FLAT",
+                            progress=False)
+    system = RecognitionSystem(extractor, gallery, settings=RecognitionConfig(score_threshold=0.0))
+    from visrec.inference.detector import Detector
+
+    system.detector = Detector(exported_models[1], score_threshold=0.0)
+    results = system.predict(load_image(photos[0]))
+    assert results and all(set(r) == {"bbox", "rec_docs", "rec_scores"} for r in results)
+    assert all(len(r["bbox"]) == 4 and isinstance(r["rec_scores"], float) for r in results)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def brute_force_threshold(correct, scores, known):
+    best_t, best_acc = None, -1.0
+    for t in sorted(set(scores.tolist()) | {scores.max() + 1}):
+        acc = np.mean([(k and c and s >= t) or (not k and s < t) for c, s, k in zip(correct, scores, known)])
+        if acc > best_acc + 1e-12:
+            best_t, best_acc = t, acc
+    return best_t, best_acc
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_choose_threshold_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n = 40
+    known = rng.random(n) < 0.7
+    correct = known & (rng.random(n) < 0.8)
+    scores = np.round(np.where(known, rng.normal(0.7, 0.1, n), rng.normal(0.5, 0.1, n)), 2)  # ties on purpose
+    threshold, accuracy = choose_threshold(correct, scores, known)
+    _, best = brute_force_threshold(correct, scores, known)
+    assert accuracy == pytest.approx(best)
+    right = np.where(known, correct & (scores >= threshold), scores < threshold)
+    assert right.mean() == pytest.approx(accuracy)
+
+
+def test_open_set_metrics_on_a_hand_made_case():
+    labels = ["a", "b", "x", "y"]
+    truth = ["a", "c", "u1", "u2"]
+    scores = np.array([0.9, 0.8, 0.3, 0.7])
+    known = np.array([True, True, False, False])
+    m = open_set_metrics(labels, scores, truth, known, threshold=0.5)
+    assert m["known_accepted_correct"] == 0.5  # "a" right and accepted, "b" wrong
+    assert m["unknown_rejected"] == 0.5  # 0.3 rejected, 0.7 accepted
+    assert m["open_set_accuracy"] == 0.5
+
+
+def test_split_for_system_is_deterministic_and_disjoint(test_images):
+    images, meta = test_images
+    ids = {im.image_id for im in images}
+    a = split_for_system(meta, ids, 2, 0.25, 0.5, seed=1)
+    b = split_for_system(meta, ids, 2, 0.25, 0.5, seed=1)
+    assert a == b
+    gallery_paths = {item.path for item in a.gallery}
+    assert not gallery_paths & {q.path for q in a.queries}
+    assert len(a.gallery) == 2 * 4 and len(a.queries) == len(images) - 8
+    assert len(a.held_out) == 1 and all(q.known == (q.label not in a.held_out) for q in a.queries)
+    assert {q.part for q in a.queries} == {"calibration", "report"}
+    with pytest.raises(ValueError, match="gallery_per_class"):
+        split_for_system(meta, ids, 8, 0.25, 0.5)
+
+
+def test_class_label_is_readable():
+    assert class_label("001.Black_footed_Albatross") == "Black footed Albatross"
+    assert class_label("Blue Jay") == "Blue Jay"
+
+
+# ----------------------------------------------------------------------------- visualisation
+
+
+def test_visualisation_draws_unicode_labels(tmp_path):
+    image = np.full((120, 160, 3), 200, dtype=np.uint8)
+    results = [{"bbox": [10, 20, 100, 110], "rec_docs": UNICODE_LABEL, "rec_scores": 0.87},
+               {"bbox": [0, 0, 160, 120], "rec_docs": "Black footed Albatross", "rec_scores": 0.5}]
+    drawn = draw_results(image, results)
+    assert drawn.shape == image.shape and (drawn != image).any()
+    path = save_visualization(image, results, tmp_path / "vis.png")
+    assert load_image(path).shape == image.shape
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture()
+def cli_env(exported_models, test_images, tmp_path):
+    """A params file pointing at the tiny exports and a gallery under tmp_path, plus a list file."""
+    images, meta = test_images
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "recognition": {"extractor": str(exported_models[0]), "detector": None,
+                        "gallery": str(tmp_path / "gallery"), "score_threshold": 0.0},
+        "index": {"index_type": "HNSW32"},
+    }), encoding="utf-8")
+    first_class = [im for im in images if im.class_id == images[0].class_id]
+    rows = [(str(meta.root / im.rel_path), "Black footed Albatross") for im in first_class[:2]]
+    rows.append((str(meta.root / first_class[2].rel_path), UNICODE_LABEL))
+    list_file = write_list_file(tmp_path / "gallery.txt", rows)
+    return params, list_file, rows
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_cli_build_recognize_add_remove_info(cli_env, test_images, tmp_path):
+    params, list_file, rows = cli_env
+    images, meta = test_images
+    built = invoke("gallery", "build", list_file, "--params", params)
+    assert built.exit_code == 0, built.output
+    assert json.loads(built.stdout)["count"] == 3
+
+    unicode_image = rows[2][0]
+    out = invoke("recognize", unicode_image, "--params", params, "--visualize", tmp_path / "vis")
+    assert out.exit_code == 0, out.output
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    assert line["results"][0]["rec_docs"] == UNICODE_LABEL
+    assert (tmp_path / "vis" / f"{Path(unicode_image).stem}.png").exists()
+
+    other = [im for im in images if im.class_id != images[0].class_id][0]
+    new_list = write_list_file(tmp_path / "new.txt", [(str(meta.root / other.rel_path), "New class")])
+    added = invoke("gallery", "add", new_list, "--params", params)
+    assert added.exit_code == 0, added.output and json.loads(added.stdout)["count"] == 4
+    found = json.loads(invoke("recognize", meta.root / other.rel_path, "--params", params).stdout)
+    assert found["results"][0]["rec_docs"] == "New class"
+
+    removed = invoke("gallery", "remove", "--label", "New class", "--params", params)
+    assert removed.exit_code == 0 and json.loads(removed.stdout)["removed"] == 1
+    gone = json.loads(invoke("recognize", meta.root / other.rel_path, "--params", params).stdout)
+    assert all(r["rec_docs"] != "New class" for r in gone["results"])
+
+    info = invoke("gallery", "info", "--labels", "--params", params)
+    details = json.loads(info.stdout)
+    assert details["count"] == 3 and details["label_counts"] == {"Black footed Albatross": 2, UNICODE_LABEL: 1}
+
+    embedded = json.loads(invoke("extract", unicode_image, "--params", params).stdout)
+    assert embedded["dim"] == len(embedded["embedding"])
+
+
+def test_cli_errors_are_one_line_and_lose_nothing(cli_env, tmp_path):
+    params, list_file, _ = cli_env
+    assert invoke("gallery", "build", list_file, "--params", params).exit_code == 0
+    before = json.loads(invoke("gallery", "info", "--params", params).stdout)
+
+    def fails(*args: str, match: str) -> None:
+        result = invoke(*args)
+        assert result.exit_code == 1, result.output
+        assert result.stderr.startswith("error:") and match in result.stderr and "Traceback" not in result.stderr
+
+    fails("recognize", tmp_path / "missing.jpg", "--params", params, match="does not exist")
+    not_image = tmp_path / "notes.jpg"
+    not_image.write_text("hello")
+    fails("recognize", not_image, "--params", params, match="could not be read")
+    bad_list = tmp_path / "bad.txt"
+    bad_list.write_text(f"{tmp_path / 'nowhere.jpg'}\tGhost\n", encoding="utf-8")
+    fails("gallery", "add", bad_list, "--params", params, match="not found")
+    fails("gallery", "remove", "--label", "Nobody", "--params", params, match="no gallery entry")
+    fails("gallery", "remove", "--params", params, match="--ids or --label")
+    assert json.loads(invoke("gallery", "info", "--params", params).stdout)["count"] == before["count"]
+
+    mismatched = Gallery.build(np.eye(32, dtype=np.float32)[:2], ["a", "b"], index_type="FLAT",
+                               fingerprint="ffffffffffffffff")
+    mismatched.save(tmp_path / "gallery")
+    fails("recognize", list_file, "--params", params, match="rebuild")
+
+
+def test_degenerate_embeddings_are_refused_naming_the_image(exported_models, test_images, monkeypatch):
+    from visrec.inference.gallery_ops import embed_items
+
+    images, meta = test_images
+    extractor = Extractor(exported_models[0])
+    monkeypatch.setattr(extractor, "embed", lambda crops: np.zeros((len(crops), extractor.dim), np.float32))
+    item = GalleryItem(meta.root / images[0].rel_path, "x")
+    with pytest.raises(ValueError, match=f"no usable embedding.*{images[0].rel_path.split('/')[-1]}"):
+        embed_items(extractor, [item], progress=False)
