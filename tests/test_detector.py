@@ -484,3 +484,36 @@ def test_prediction_sheet_draws_images_with_no_detection(tiny_det, tmp_path):
     path = write_prediction_sheet(dataset, {}, tmp_path / "sheet.png", count=2, tile=64)
     picture = cv2.imread(str(path))
     assert picture is not None and picture.shape[:2] == (64, 128)
+
+
+def test_frozen_backbone_keeps_weights_and_statistics_while_the_head_learns(tiny_det, tmp_path):
+    root, split = tiny_det
+    backbone = create_backbone("mobilenet_v1", scale=0.25)
+    paddle.save(backbone.state_dict(), str(tmp_path / "backbone.pdparams"))
+    cfg = tiny_config(backbone={"name": "mobilenet_v1", "scale": 0.25,
+                                "pretrained": str(tmp_path / "backbone.pdparams")}, freeze_backbone=True)
+    from visrec.training.detector import build_loss, build_model
+    from visrec.models.extractor import param_groups
+
+    model = build_model(cfg)
+    before = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    groups = param_groups(model, 1.0)
+    assert len(groups) == 1 and all(not p.stop_gradient for p in groups[0]["params"])
+    optimizer = paddle.optimizer.AdamW(0.01, parameters=groups)
+    dataset = make_dataset(cfg, root, split / "train_coco.json", train=True)
+    images, boxes, counts, _ = collate_detection([dataset[i] for i in range(4)])
+    model.train()
+    assert not model.backbone.training  # BN statistics frozen too
+    loss, _ = build_loss(cfg)(model, paddle.to_tensor(images), np.asarray(boxes), np.asarray(counts))
+    loss.backward()
+    optimizer.step()
+    after = model.state_dict()
+    assert all(np.array_equal(before[k], after[k].numpy()) for k in before if k.startswith("backbone."))
+    assert any(not np.array_equal(before[k], after[k].numpy()) for k in before if k.startswith("head."))
+
+
+def test_freezing_a_random_backbone_is_refused():
+    from visrec.training.detector import build_model
+
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        build_model(tiny_config(freeze_backbone=True))

@@ -211,6 +211,7 @@ class DetectorConfig:
     """The single-class mainbody detector (backbone + FPN + shared head) and its training."""
 
     backbone: dict[str, Any] = field(default_factory=lambda: {"name": "mobilenet_v1", "scale": 0.25})
+    freeze_backbone: bool = False  # train only FPN + head (for a pretrained backbone)
     strides: list[int] = field(default_factory=lambda: [8, 16, 32])
     neck_channels: int = 48  # FPN width
     head_convs: int = 2  # depthwise-separable convs in the shared head

@@ -157,6 +157,23 @@ class MainbodyDetector(nn.Layer):
         if hasattr(self.backbone, "rep"):
             self.backbone.rep()
 
+    def freeze_backbone(self) -> None:
+        """Train only the FPN and head: the (pretrained) backbone keeps its weights and BN statistics.
+
+        Saves the backward pass through the backbone, most of a step's cost, and keeps
+        ImageNet features intact on a small training set.
+        """
+        for param in self.backbone.parameters():
+            param.stop_gradient = True
+        self._frozen_backbone = True
+        self.backbone.eval()
+
+    def train(self):
+        super().train()
+        if getattr(self, "_frozen_backbone", False):
+            self.backbone.eval()  # frozen BN statistics: batch statistics would drift from ImageNet's
+        return self
+
 
 def check_input_size(size: int, strides: Sequence[int]) -> None:
     if size < 1 or size % max(strides):

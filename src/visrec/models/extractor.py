@@ -109,7 +109,9 @@ def param_groups(model: RecModel, backbone_lr_mult: float = 1.0) -> list[dict[st
     backbone_ids = {id(p) for p in model.backbone.parameters()}
     backbone_params = [p for p in model.backbone.parameters() if not p.stop_gradient]
     other_params = [p for p in model.parameters() if id(p) not in backbone_ids and not p.stop_gradient]
-    groups = [{"params": backbone_params, "learning_rate": float(backbone_lr_mult)}]
+    groups = []
+    if backbone_params:  # none when the backbone is frozen
+        groups.append({"params": backbone_params, "learning_rate": float(backbone_lr_mult)})
     if other_params:
         groups.append({"params": other_params, "learning_rate": 1.0})
     return groups

@@ -81,6 +81,11 @@ def build_model(cfg: DetectorConfig) -> MainbodyDetector:
     if cfg.pretrained:
         missing, unexpected = load_pretrained(model, cfg.pretrained)
         logger.info("loaded %s (%d missing, %d unexpected keys)", cfg.pretrained, len(missing), len(unexpected))
+    if cfg.freeze_backbone:
+        if not cfg.backbone.get("pretrained") and not cfg.pretrained:
+            raise ValueError("detector.freeze_backbone is on but the backbone has no pretrained weights: "
+                             "a frozen random backbone learns nothing (set backbone.pretrained, e.g. imagenet)")
+        model.freeze_backbone()
     return model
 
 
