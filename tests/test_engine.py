@@ -114,3 +114,30 @@ def test_empty_loader_is_an_error(tmp_path):
     trainer.loader = []
     with pytest.raises(RuntimeError, match="yielded no batch"):
         trainer.fit()
+
+
+class WorseningTask(ToyTask):
+    """Evaluation that gets worse with every call: training never beats the starting point."""
+
+    def evaluate(self, model):
+        self.evals += 1
+        return {"neg_mse": -float(self.evals)}
+
+
+def test_starting_weights_compete_for_best_model_when_asked(tmp_path):
+    trainer, model, _ = make_trainer(tmp_path, epochs=2, eval_before_training=True)
+    trainer.task = WorseningTask(trainer.task.data)
+    start = weights(model)
+    state = trainer.fit()
+    assert state.best_epoch == 0 and state.best_metric == -1.0  # the zero-shot model was kept
+    rows = list(csv.DictReader((tmp_path / "history.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    best = paddle.nn.Sequential(paddle.nn.Linear(4, 16), paddle.nn.ReLU(), paddle.nn.Linear(16, 1))
+    load_checkpoint(tmp_path / "checkpoints" / "best_model", best)
+    assert all(np.array_equal(start[k], v.numpy()) for k, v in best.state_dict().items())
+
+
+def test_training_that_beats_the_start_replaces_it(tmp_path):
+    trainer, _, _ = make_trainer(tmp_path, epochs=3, eval_before_training=True)
+    state = trainer.fit()
+    assert state.best_epoch > 0  # the toy regression learns

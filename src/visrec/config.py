@@ -162,6 +162,9 @@ class ExtractorConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     epochs: int = 10
     eval_every: int = 2
+    # Evaluate the starting weights first: with a pretrained backbone the zero-shot model then
+    # competes for best_model, and the pipeline keeps whichever of the two is better.
+    eval_before_training: bool = False
     eval_batch_size: int = 64
     keep_last: int = 2
     # A checkpoint directory to continue from, or "latest": the unfinished run in

@@ -58,6 +58,9 @@ class EngineConfig:
     amp: bool = False  # mixed precision; only used on GPU
     resume: str | None = None
     stop_after_epochs: int | None = None  # end this run early (tests simulate a kill with it)
+    # Evaluate the starting weights as "epoch 0": with a pretrained backbone, the zero-shot
+    # model competes for best_model, so training can only be kept if it beats it.
+    eval_before_training: bool = False
 
 
 def seed_everything(seed: int) -> None:
@@ -111,6 +114,11 @@ class Trainer:
     def fit(self) -> TrainerState:
         if self.cfg.resume:
             self._resume(self.cfg.resume)
+        if self.cfg.eval_before_training and self.state.epoch == 0 and not self.history:
+            row = {"epoch": 0, **self._evaluate(0)}
+            self._record(row)
+            if row.pop("_improved", False) and is_main_process():
+                save_checkpoint(self.ckpt_dir / "best_model", self.model, None, self.state)
         first = self.state.epoch + 1
         last = self.cfg.epochs
         if self.cfg.stop_after_epochs is not None:

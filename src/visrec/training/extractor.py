@@ -132,7 +132,7 @@ def train_extractor(cfg: ExtractorConfig, raw_root: Path, split_dir: Path, out_d
     optimizer = build_optimizer(cfg.optimizer, param_groups(model, cfg.optimizer.backbone_lr_mult), scheduler)
     engine_cfg = EngineConfig(epochs=cfg.epochs, eval_every=cfg.eval_every, keep_last=cfg.keep_last,
                               metric="recall@1", metric_mode="max", seed=cfg.seed, amp=cfg.amp,
-                              resume=cfg.resume)
+                              resume=cfg.resume, eval_before_training=cfg.eval_before_training)
     task = ExtractorTask(build_loss(cfg.losses), eval_ds, cfg.eval_batch_size)
     if is_main_process():
         out_dir.mkdir(parents=True, exist_ok=True)

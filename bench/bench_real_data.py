@@ -1,0 +1,111 @@
+"""Retrieval on a real CUB_200_2011 folder: the pretrained backbone zero-shot, then fine-tuned.
+
+Runs the pipeline's own steps (download from a local source, split, train_extractor, export,
+evaluate) in a work folder, with the params file + overrides, and prints recall@1, recall@5,
+mAP, MAP@R, training time and images/s for each model:
+
+    .venv/bin/python bench/bench_real_data.py ../shared/data/cub_subset/CUB_200_2011 --train-classes 25
+    .venv/bin/python bench/bench_real_data.py /data/CUB_200_2011 --train-classes 100 --epochs 0   # zero-shot only
+    .venv/bin/python bench/bench_real_data.py DIR -o extractor.image.size=160 -o extractor.epochs=4
+
+The zero-shot model is the pretrained backbone's pooled features (no neck, no training). The
+fine-tuned one uses the `extractor` params with `eval_before_training` on, so its best model
+is never worse than its (FC-neck) starting point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from visrec.config import load_config
+from visrec.data.cub import CUB_DIRNAME, read_cub
+from visrec.data.download import materialize
+from visrec.data.split import write_split
+from visrec.evaluation.retrieval_eval import evaluate_extractor
+from visrec.inference.export import export_extractor
+from visrec.models.extractor import build_rec_model
+from visrec.training.extractor import load_trained, model_config, run_training
+from visrec.utils.logs import setup_logging
+
+KEYS = ("recall@1", "recall@5", "mAP", "MAP@R")
+PRETRAINED_DEFAULTS = [  # a fine-tuning recipe for the pretrained backbone; -o overrides any of it
+    'extractor.backbone={"name": "efficientnet_lite0", "pretrained": "imagenet"}',
+    'extractor.neck={"name": "FCNeck", "embedding_size": 512}',
+    "extractor.image.size=224", "extractor.epochs=3", "extractor.eval_every=1",
+    "extractor.eval_before_training=true", "extractor.optimizer.lr=0.01",
+    "extractor.optimizer.backbone_lr_mult=0.1", "extractor.optimizer.warmup_epochs=0.5",
+    "extractor.sampler.classes_per_batch=8", "extractor.sampler.images_per_class=4",
+    "extractor.augment.rotate_degrees=0.0", "extractor.augment.erase_prob=0.0",
+    "extractor.image.bbox_pad=0.0",  # tight box crops: 72.7 zero-shot recall@1 vs 70.7 with 5% padding
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("cub_dir", help="a CUB_200_2011 folder (or its parent, or a .tgz)")
+    parser.add_argument("--train-classes", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (0: zero-shot only)")
+    parser.add_argument("--work", type=Path, default=None, help="keep outputs here (default: a temp folder)")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("-o", "--override", action="append", default=[])
+    args = parser.parse_args()
+    setup_logging("INFO")
+    work = args.work or Path(tempfile.mkdtemp(prefix="visrec-real-"))
+    paths = {k: str(work / k) for k in ("raw", "downloads", "split", "extractor", "export", "evaluate", "metrics")}
+    overrides = [*PRETRAINED_DEFAULTS, f"data.source={args.cub_dir}", f"split.train_classes={args.train_classes}",
+                 *[f"paths.{k}={v}" for k, v in paths.items()], *args.override]
+    if args.epochs is not None:
+        overrides.append(f"extractor.epochs={max(args.epochs, 1)}")
+    cfg = load_config(args.params, overrides)
+    ext = cfg.extractor
+    raw_root = Path(cfg.paths.raw) / CUB_DIRNAME
+    if not (raw_root / "images.txt").exists():
+        materialize(cfg.data, Path(cfg.paths.raw), Path(cfg.paths.downloads))
+    write_split(read_cub(raw_root), cfg.split.train_classes, Path(cfg.paths.split))
+    rows = []
+
+    def evaluate(name: str, export_dir: Path, model_cfg: dict, seconds: float, img_per_s: float | None) -> None:
+        start = time.perf_counter()
+        metrics = evaluate_extractor(export_dir, model_cfg, raw_root, Path(cfg.paths.split), work / f"eval_{name}",
+                                     num_threads=cfg.runtime.num_threads, baseline=False)
+        rows.append({"model": name, **{k: metrics[k] for k in KEYS}, "train_min": round(seconds / 60, 1),
+                     "train_img_s": img_per_s, "eval_s": round(time.perf_counter() - start, 1),
+                     "queries": metrics["num_queries"]})
+
+    zero_cfg = model_config(ext, class_num=cfg.split.train_classes)
+    zero_cfg = {**zero_cfg, "neck": None, "head": None}
+    zero = build_rec_model(zero_cfg["backbone"], None, None, zero_cfg["class_num"])
+    export_extractor(zero, zero_cfg, work / "export_zero_shot", onnx=False)
+    evaluate("zero-shot", work / "export_zero_shot", zero_cfg, 0.0, None)
+
+    if args.epochs != 0:
+        start = time.perf_counter()
+        summary = run_training(ext, raw_root, Path(cfg.paths.split), Path(cfg.paths.extractor),
+                               Path(cfg.paths.metrics) / "train_extractor.json")
+        seconds = time.perf_counter() - start
+        with (Path(cfg.paths.extractor) / "history.csv").open(newline="") as f:
+            speeds = [float(r["images_per_s"]) for r in csv.DictReader(f) if r.get("images_per_s")]
+        images_per_s = round(sum(speeds) / len(speeds), 1) if speeds else None
+        model, tuned_cfg = load_trained(Path(cfg.paths.extractor), "best_model")
+        export_extractor(model, tuned_cfg, work / "export_fine_tuned", onnx=False)
+        evaluate(f"fine-tuned (best epoch {summary['best_epoch']})", work / "export_fine_tuned", tuned_cfg,
+                 seconds, images_per_s)
+
+    print(f"\n{args.cub_dir}: train classes 1-{cfg.split.train_classes}, test the rest; "
+          f"{ext.backbone}, {ext.image.size} px, box crops {ext.image.crop_to_bbox}\n")
+    print("| model | recall@1 | recall@5 | mAP | MAP@R | training min | train img/s | queries |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['recall@1']:.4f} | {r['recall@5']:.4f} | {r['mAP']:.4f} | {r['MAP@R']:.4f} | "
+              f"{r['train_min']} | {r['train_img_s'] or '-'} | {r['queries']} |")
+    (work / "bench_real_data.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"\noutputs in {work}")
+
+
+if __name__ == "__main__":
+    main()
