@@ -2,6 +2,7 @@
 #   make repro   run the whole DVC pipeline on the embedded default data set, print metrics
 #   make test    run the test suite
 #   make bench   print the speed benchmarks (bench/)
+#   make serve   the BentoML recognition service on 127.0.0.1:3000
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 UV_VERSION := 0.13.8
@@ -14,7 +15,7 @@ STAMP := $(VENV)/.visrec-env-$(LOCK_HASH)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 
-.PHONY: env repro test test-fast bench clean-env
+.PHONY: env repro test test-fast bench serve clean-env
 
 env: $(STAMP)
 
@@ -36,6 +37,13 @@ test: env
 
 test-fast: env
 	pytest -m "not slow and not integration"
+
+# The BentoML service on serve.host:serve.port (127.0.0.1:3000) with the models and gallery `make repro` made.
+# Gallery changes through the API need VISREC_ADMIN_TOKEN set (else they are disabled).
+serve: env
+	VISREC_PARAMS=params.yaml bentoml serve bento.service:VisrecRecognition \
+	  --host "$$(python -c 'from visrec.config import load_config; print(load_config().serve.host)')" \
+	  --port "$$(python -c 'from visrec.config import load_config; print(load_config().serve.port)')"
 
 # On-demand benchmarks (not part of `make test`); bench_recognition needs `make repro` first.
 bench: env

@@ -299,6 +299,16 @@ class RecognitionConfig:
 
 
 @dataclass
+class ServeConfig:
+    """The BentoML service (`make serve`); VISREC_MAX_UPLOAD_MB / VISREC_MAX_PIXELS override."""
+
+    host: str = "127.0.0.1"
+    port: int = 3000
+    max_upload_mb: float = 10.0  # larger uploads get 413 before they are read
+    max_pixels: int = 40_000_000  # declared width x height above this is refused before decoding
+
+
+@dataclass
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -311,6 +321,7 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     recognition: RecognitionConfig = field(default_factory=RecognitionConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -18,8 +18,6 @@ A Gallery object is not thread-safe; a server should load a new one and swap ref
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -27,7 +25,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from visrec.index.faiss_index import IndexBackend, backend_class, set_num_threads
-from visrec.utils.fs import fsync_path
+from visrec.utils.fs import file_lock, fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -85,15 +83,9 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-@contextlib.contextmanager
-def _writer_lock(root: Path) -> Iterator[None]:
+def _writer_lock(root: Path):
     """Serialise writers of one gallery; readers never lock (they follow the symlink)."""
-    with open(root / LOCK_FILE, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return file_lock(root / LOCK_FILE)
 
 
 def _versions(root: Path) -> dict[str, int]:
