@@ -71,8 +71,8 @@ def gallery_images(tiny_cub):
     return {label: paths[:2] for label, paths in sorted(by_class.items())}
 
 
-@pytest.fixture(scope="module")
-def server(exported_models, gallery_images, tmp_path_factory):
+@pytest.fixture(scope="module", params=["1", "0"], ids=["batching-on", "batching-off"])
+def server(request, exported_models, gallery_images, tmp_path_factory):
     from visrec.inference.extractor import Extractor
     from visrec.inference.gallery_ops import GalleryItem, build_gallery
 
@@ -87,7 +87,9 @@ def server(exported_models, gallery_images, tmp_path_factory):
         "score_threshold": 0.0}}))
     port = free_port()
     env = {**os.environ, "VISREC_PARAMS": str(params), "VISREC_ADMIN_TOKEN": TOKEN,
-           "VISREC_MAX_UPLOAD_MB": "1", "BENTOML_HOME": str(tmp / "bentoml_home")}
+           "VISREC_MAX_UPLOAD_MB": "1",
+           "VISREC_ADAPTIVE_BATCHING": request.param,  # both paths of /embed must work
+           "BENTOML_HOME": str(tmp / "bentoml_home")}
     log = open(tmp / "server.log", "wb")
     proc = subprocess.Popen([str(BENTOML), "serve", "bento.service:VisrecRecognition", "--host", "127.0.0.1",
                              "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -106,7 +108,9 @@ def server(exported_models, gallery_images, tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"server not ready after 90 s:\n{(tmp / 'server.log').read_text()[-4000:]}")
             time.sleep(0.5)
-        yield ServerURL(url, params)
+        served = ServerURL(url, params)
+        served.batching = request.param == "1"
+        yield served
     finally:
         # BentoML starts its worker in a session of its own: note it now, to reap it if needed.
         try:
@@ -260,6 +264,8 @@ def test_fifty_concurrent_requests_all_succeed(server, gallery_images):
     with ThreadPoolExecutor(8) as pool:
         statuses = list(pool.map(call, range(50)))
     assert statuses == [200] * 50
+    if not server.batching:
+        return  # /embed called the extractor directly: nothing was batched
     # /embed goes through the batchable /embed_batch: concurrent calls were grouped
     metrics = requests.get(f"{server}/metrics", timeout=10).text
     sums = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
