@@ -3,6 +3,7 @@
 #   make test    run the test suite
 #   make bench   print the speed benchmarks (bench/)
 #   make serve   the BentoML recognition service on 127.0.0.1:3000
+#   make mlflow-ui  the MLflow UI on 127.0.0.1:5000 over the stages' tracked runs (mlruns.db)
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 UV_VERSION := 0.13.8
@@ -15,7 +16,7 @@ STAMP := $(VENV)/.visrec-env-$(LOCK_HASH)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 
-.PHONY: env repro test test-fast bench serve clean-env
+.PHONY: env repro test test-fast bench serve mlflow-ui clean-env
 
 env: $(STAMP)
 
@@ -44,6 +45,10 @@ serve: env
 	VISREC_PARAMS=params.yaml bentoml serve bento.service:VisrecRecognition \
 	  --host "$$(python -c 'from visrec.config import load_config; print(load_config().serve.host)')" \
 	  --port "$$(python -c 'from visrec.config import load_config; print(load_config().serve.port)')"
+
+# Every stage logs a run to mlruns.db (params.yaml `tracking`); `visrec runs compare` is the terminal view.
+mlflow-ui: env
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns.db --host 127.0.0.1 --port 5000
 
 # On-demand benchmarks (not part of `make test`); bench_recognition needs `make repro` first.
 bench: env

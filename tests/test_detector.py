@@ -435,6 +435,13 @@ def test_training_writes_run_metrics_and_picture(trained_run):
     assert picture is not None and picture.shape[0] >= 100
 
 
+def by_position(dets) -> np.ndarray:
+    """Rows sorted by their box: backends may order boxes whose scores tie to 1e-6 either way."""
+    dets = np.asarray(dets, dtype=np.float64).reshape(-1, 5)
+    keys = np.round(dets[:, :4], 1)
+    return dets[np.lexsort(keys.T[::-1])]
+
+
 def test_export_parity_dygraph_paddle_inference_onnx(trained_run, tiny_det, tmp_path):
     out, _ = trained_run
     root, split = tiny_det
@@ -459,17 +466,18 @@ def test_export_parity_dygraph_paddle_inference_onnx(trained_run, tiny_det, tmp_
         got = detector.postprocess(*detector.predict_dense(batch), infos)
         for ref, det in zip(reference, got, strict=True):
             assert ref.shape == det.shape
+            det, ref = by_position(det), by_position(ref)
             np.testing.assert_allclose(det[:, :4], ref[:, :4], atol=1e-3, err_msg=backend)
             np.testing.assert_allclose(det[:, 4], ref[:, 4], atol=1e-4, err_msg=backend)
         # from raw images: Detector's own preprocessing equals the evaluation dataset's
         images = [load_image(r.path) for r in dataset.records[:3]]
         from_images = detector.detect_batch(images)
         for ref, det in zip(reference[:3], from_images, strict=True):
-            np.testing.assert_allclose(np.array(det), ref, atol=1e-3)
+            np.testing.assert_allclose(by_position(det), by_position(ref), atol=1e-3)
         assert detector(images[0]) == from_images[0]
 
     dygraph = predict_dataset(dygraph_predict_fn(model), dataset, 5, post)
-    np.testing.assert_allclose(dygraph[dataset.image_ids[0]], reference[0], atol=1e-5)
+    np.testing.assert_allclose(by_position(dygraph[dataset.image_ids[0]]), by_position(reference[0]), atol=1e-5)
     assert split_outputs([scores, boxes])[0] is boxes
     with pytest.raises(ValueError, match="not a detector"):
         (tmp_path / "other").mkdir()

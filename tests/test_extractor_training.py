@@ -87,3 +87,29 @@ def test_export_parity_dygraph_paddle_inference_onnx(tiny_cub, tmp_path):
 def test_predictor_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not an exported visrec model"):
         Predictor(tmp_path)
+
+
+@pytest.mark.parametrize("neck", ["FCNeck", "FCBNNeck"])
+def test_exported_necks_run_in_paddle_inference_and_onnx(neck, tmp_path):
+    """An affine-free BatchNorm (BNNeck) crashes Paddle Inference's oneDNN kernel: such models
+    are exported with "onednn": false and served by the plain CPU kernels instead."""
+    from visrec.inference.predictors import Predictor
+    from visrec.models.extractor import build_rec_model
+
+    paddle.seed(0)
+    model = build_rec_model({"name": "mobilenet_v1", "scale": 0.25}, {"name": neck, "embedding_size": 16}, None, 4)
+    model.train()
+    with paddle.no_grad():
+        for _ in range(3):
+            model.embed(paddle.randn([8, 3, 32, 32]))
+    cfg = {"backbone": {"name": "mobilenet_v1", "scale": 0.25}, "neck": {"name": neck},
+           "image": {"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "scale": 1 / 255}}
+    meta = export_extractor(model, cfg, tmp_path / "export")
+    assert meta["onednn"] is (neck == "FCNeck")
+    x = np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype("float32")
+    model.eval()
+    with paddle.no_grad():
+        expected = model.embed(paddle.to_tensor(x)).numpy()
+    for backend in ("paddle", "onnx"):
+        out = Predictor(tmp_path / "export", backend=backend)(x)[0]
+        np.testing.assert_allclose(out, expected, atol=1e-4)

@@ -7,6 +7,7 @@
     visrec gallery add more.txt
     visrec gallery remove --ids 3 --ids 7 | --label "Blue Jay"
     visrec gallery info
+    visrec runs compare --stage evaluate        # the latest tracked stage runs (MLflow) side by side
 
 Settings come from ``params.yaml`` (``recognition`` and ``index`` sections) with dotted
 overrides (``-o recognition.top_k=3``). Errors are one ``error:`` line and exit code 1; a
@@ -33,6 +34,8 @@ app = typer.Typer(help="visrec: PP-ShiTu style recognition (detect -> embed -> s
                   no_args_is_help=True, add_completion=False)
 gallery_app = typer.Typer(help="Build, change and inspect the gallery.", no_args_is_help=True)
 app.add_typer(gallery_app, name="gallery")
+runs_app = typer.Typer(help="Compare the pipeline's tracked stage runs (MLflow).", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -232,6 +235,37 @@ def gallery_info(
             counts[gallery.label_of(gallery_id)] = counts.get(gallery.label_of(gallery_id), 0) + 1
         info["label_counts"] = dict(sorted(counts.items()))
     print(json.dumps(info, ensure_ascii=False, indent=2))
+
+
+# ------------------------------------------------------------------------- runs
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return [item.strip() for item in text.split(",") if item.strip()] if text else None
+
+
+@runs_app.command("compare")
+@_fail_cleanly
+def runs_compare(
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment (default: tracking.experiment)")] = None,
+    stage: Annotated[str | None, typer.Option(help="only this stage's runs, e.g. evaluate")] = None,
+    limit: Annotated[int, typer.Option(help="newest runs shown")] = 10,
+    metrics: Annotated[str | None, typer.Option(help="comma-separated metrics, e.g. recall_at_1,mAP")] = None,
+    show_params: Annotated[str | None, typer.Option(
+        "--show-params", help="comma-separated params (default: those that differ between the runs)")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    override: OverrideOpt = None,
+) -> None:
+    """Print the latest stage runs as a table: start, stage, commit, params hash, params, metrics."""
+    from visrec.tracking import find_runs, resolve_uri, runs_table
+
+    cfg = _config(params, override)
+    uri = resolve_uri(cfg.tracking.uri)
+    try:
+        runs = find_runs(uri, experiment or cfg.tracking.experiment, stage, limit)
+    except ConnectionError as exc:
+        raise CliError(f"tracking server {uri}: {exc}") from None
+    print(runs_table(runs, _csv(metrics), _csv(show_params)))
 
 
 def main() -> None:  # pragma: no cover - console entry point

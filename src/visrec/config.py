@@ -312,6 +312,17 @@ class ServeConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """MLflow tracking of every stage run (``visrec.tracking``); env MLFLOW_TRACKING_URI overrides ``uri``."""
+
+    enabled: bool = True
+    uri: str | None = None  # null: sqlite:///<repo>/mlruns.db, the repo being the stage's working directory
+    artifact_root: str = "mlartifacts"  # artifact location of a newly created experiment in a local store
+    experiment: str = "visrec"
+    required: bool = False  # false: a tracking failure is a warning; true: it fails the stage
+
+
+@dataclass
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -325,6 +336,7 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig)
     recognition: RecognitionConfig = field(default_factory=RecognitionConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -67,6 +67,17 @@ def export_onnx(model_dir: Path, opset: int = 13) -> Path:
     return out
 
 
+def onednn_safe(layer: nn.Layer) -> bool:
+    """False when Paddle Inference's oneDNN kernels would crash on this network.
+
+    Paddle 3.3.1's oneDNN batch-norm kernel segfaults on a BatchNorm without its own
+    scale/bias (``weight_attr=False``), which BNNeck uses to keep its bias frozen at 0.
+    The plain CPU kernels run it correctly, so such models are served without oneDNN.
+    """
+    return not any(isinstance(sub, (nn.BatchNorm1D, nn.BatchNorm2D)) and sub.weight is None
+                   for sub in layer.sublayers(include_self=True))
+
+
 def export_layer(layer: nn.Layer, out_dir: str | Path, input_shape: list[int | None],
                  meta: dict[str, Any], onnx: bool = True) -> dict[str, Any]:
     """``paddle.jit.save`` ``layer`` (eval mode) with input spec ``input_shape``, then ONNX.
@@ -83,7 +94,7 @@ def export_layer(layer: nn.Layer, out_dir: str | Path, input_shape: list[int | N
             export_onnx(tmp)
             files["onnx"] = ONNX_FILE
         meta = {**meta, "fingerprint": weights_fingerprint(layer), "files": files,
-                "paddle_version": paddle.__version__}
+                "paddle_version": paddle.__version__, "onednn": onednn_safe(layer)}
         (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     logger.info("exported %s to %s (fingerprint %s)", meta.get("kind"), out_dir, meta["fingerprint"])
     return meta

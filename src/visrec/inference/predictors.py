@@ -45,7 +45,11 @@ class Predictor:
         config = inference.Config(str(self.model_dir / f"{PADDLE_PREFIX}.json"),
                                   str(self.model_dir / f"{PADDLE_PREFIX}.pdiparams"))
         config.disable_gpu()
-        config.enable_mkldnn()
+        if self.meta.get("onednn", True):  # see export.onednn_safe: some layers crash its kernels
+            config.enable_mkldnn()
+        else:
+            config.disable_mkldnn()
+            logger.info("%s: oneDNN off (the model has a BatchNorm its oneDNN kernel cannot run)", self.model_dir)
         # Set explicitly: Paddle pins OMP_NUM_THREADS=1 at import when it is unset.
         config.set_cpu_math_library_num_threads(num_threads)
         config.disable_glog_info()

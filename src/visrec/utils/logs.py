@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 
-NOISY_LOGGERS = ("great_expectations", "urllib3", "matplotlib", "PIL", "alembic", "git")
+NOISY_LOGGERS = ("great_expectations", "urllib3", "matplotlib", "PIL", "alembic", "git", "mlflow")
 
 
 def setup_logging(level: str | int | None = None) -> None:

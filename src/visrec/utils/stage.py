@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 from visrec.config import Config, ConfigError, load_from_args, stage_argparser
+from visrec.tracking import TrackingError, track_stage
 from visrec.utils.logs import setup_logging
 
 logger = logging.getLogger("visrec.stage")
@@ -21,15 +22,18 @@ def run_stage(name: str, body: Callable[[Config], None], argv: list[str] | None 
     """Parse ``--params`` / ``-o`` overrides, run ``body(config)``, map known errors to exit 1.
 
     Any ``ValueError`` subclass raised by visrec for bad input (config, layout, split,
-    download, validation) is printed as one ``error:`` line instead of a traceback.
+    download, validation) is printed as one ``error:`` line instead of a traceback. Each run
+    is logged to MLflow afterwards (``visrec.tracking``, best effort unless
+    ``tracking.required``).
     """
     args = stage_argparser(f"visrec stage '{name}'").parse_args(argv)
     setup_logging()
     start = time.perf_counter()
     try:
         config = load_from_args(args)
-        body(config)
-    except (ConfigError, StageError, ValueError, FileNotFoundError) as exc:
+        with track_stage(name, config):
+            body(config)
+    except (ConfigError, StageError, TrackingError, ValueError, FileNotFoundError) as exc:
         logger.debug("stage '%s' failed", name, exc_info=True)  # VISREC_LOG_LEVEL=DEBUG shows it
         print(f"error: stage '{name}': {exc}", file=sys.stderr)
         return 1
