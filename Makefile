@@ -4,6 +4,7 @@
 #   make bench   print the speed benchmarks (bench/)
 #   make serve   the BentoML recognition service on 127.0.0.1:3000
 #   make mlflow-ui  the MLflow UI on 127.0.0.1:5000 over the stages' tracked runs (mlruns.db)
+#   make airflow    Airflow standalone on 127.0.0.1:8080 with dags/ (retraining, gallery updates)
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 UV_VERSION := 0.13.8
@@ -16,7 +17,7 @@ STAMP := $(VENV)/.visrec-env-$(LOCK_HASH)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 
-.PHONY: env repro test test-fast bench serve mlflow-ui clean-env
+.PHONY: env repro test test-fast bench serve mlflow-ui airflow clean-env
 
 env: $(STAMP)
 
@@ -49,6 +50,13 @@ serve: env
 # Every stage logs a run to mlruns.db (params.yaml `tracking`); `visrec runs compare` is the terminal view.
 mlflow-ui: env
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns.db --host 127.0.0.1 --port 5000
+
+# Airflow 3 (scheduler, API server and UI on 127.0.0.1:8080) over this repo's dags/; its state
+# lives in airflow_home/ (git-ignored). The login is printed at start-up.
+airflow: env
+	AIRFLOW_HOME=$(CURDIR)/airflow_home AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
+	AIRFLOW__CORE__LOAD_EXAMPLES=False AIRFLOW__API__HOST=127.0.0.1 AIRFLOW__API__PORT=8080 \
+	VISREC_REPO=$(CURDIR) airflow standalone
 
 # On-demand benchmarks (not part of `make test`); bench_recognition needs `make repro` first.
 bench: env

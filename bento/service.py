@@ -53,11 +53,10 @@ with bentoml.importing():
     from fastapi import FastAPI
 
     from visrec.config import load_config
-    from visrec.index.gallery import Gallery, UnknownIdError
+    from visrec.index.gallery import Gallery, UnknownIdError, update_lock
     from visrec.inference.pipeline import RecognitionSystem
     from visrec.serving import BodySizeLimit, check_admin, configure_pil
     from visrec.serving.images import BadImageError, decode_upload
-    from visrec.utils.fs import file_lock
 
 for _handler in [h for h in _root.handlers if h not in _root_state[0]]:
     _root.removeHandler(_handler)
@@ -73,7 +72,6 @@ BATCHING_ENV = "VISREC_ADAPTIVE_BATCHING"  # 0/false: /embed calls the extractor
 MAX_TOP_K = 100
 MAX_FILES_PER_ADD = 16
 MULTIPART_OVERHEAD = 1024 * 1024  # form fields and part headers around the file bytes
-SERVICE_LOCK_FILE = ".service.lock"  # not Gallery's own ".lock": save() takes that one itself
 
 info_app = FastAPI(title="visrec gallery (read-only)")
 
@@ -100,11 +98,6 @@ def _env_number(name: str, default: float) -> float:
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {raw!r}")
     return value
-
-
-def _cross_process_lock(root: Path):
-    """Serialise gallery read-modify-save across the service's worker processes."""
-    return file_lock(root / SERVICE_LOCK_FILE)
 
 
 @bentoml.asgi_app(info_app, path="/gallery")
@@ -152,7 +145,7 @@ class VisrecRecognition:
 
     def _mutate(self, change: Any) -> tuple[Any, Gallery]:
         """Apply ``change(gallery)`` to a fresh copy of the live gallery, publish it, swap it in."""
-        with self._lock, _cross_process_lock(self.gallery_path):
+        with self._lock, update_lock(self.gallery_path):
             gallery = Gallery.load(self.gallery_path, expected_fingerprint=self.system.extractor.fingerprint,
                                    num_threads=self.settings.num_threads)
             result = change(gallery)  # raises before anything is saved if the change is invalid

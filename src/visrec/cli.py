@@ -185,12 +185,15 @@ def gallery_add(
     """Add images to the gallery: new labels are recognised at once, no retraining."""
     from visrec.inference.gallery_ops import add_items, items_from_list
 
+    from visrec.index.gallery import update_lock
+
     cfg = _config(params, override)
     extractor = _extractor(cfg)
-    gallery = _load_gallery(cfg, extractor)
     items = items_from_list(list_file, root, cfg.index.delimiter)
-    ids = add_items(gallery, extractor, items, cfg.index.batch_size)
-    gallery.save(cfg.recognition.gallery)
+    with update_lock(cfg.recognition.gallery):  # the service and the DAG update under this lock too
+        gallery = _load_gallery(cfg, extractor)
+        ids = add_items(gallery, extractor, items, cfg.index.batch_size)
+        gallery.save(cfg.recognition.gallery)
     print(json.dumps({"added": len(ids), "ids": ids, "count": len(gallery)}, ensure_ascii=False))
 
 
@@ -205,16 +208,19 @@ def gallery_remove(
     """Remove entries by id or by label (works on HNSW32, IVF and FLAT)."""
     if bool(ids) == (label is not None):
         raise CliError("give either --ids or --label (one of them)")
+    from visrec.index.gallery import update_lock
+
     cfg = _config(params, override)
-    gallery = _load_gallery(cfg)
-    if label is not None:
-        removed = gallery.remove_label(label)
-        if removed == 0:
-            raise CliError(f"no gallery entry has label {label!r}: nothing removed "
-                           "(`visrec gallery info` lists the labels)")
-    else:
-        removed = gallery.remove(ids)
-    gallery.save(cfg.recognition.gallery)
+    with update_lock(cfg.recognition.gallery):
+        gallery = _load_gallery(cfg)
+        if label is not None:
+            removed = gallery.remove_label(label)
+            if removed == 0:
+                raise CliError(f"no gallery entry has label {label!r}: nothing removed "
+                               "(`visrec gallery info` lists the labels)")
+        else:
+            removed = gallery.remove(ids)
+        gallery.save(cfg.recognition.gallery)
     print(json.dumps({"removed": removed, "count": len(gallery)}, ensure_ascii=False))
 
 

@@ -83,6 +83,16 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+UPDATE_LOCK_FILE = ".update.lock"  # not save()'s own lock: this one spans a whole load-modify-save
+
+
+def update_lock(root: str | Path):
+    """Hold this around load -> change -> save of the gallery at ``root``, so concurrent updaters
+    (service workers, the gallery-update DAG, ``visrec gallery add``) never overwrite each
+    other's change. Readers need no lock."""
+    return file_lock(Path(root) / UPDATE_LOCK_FILE)
+
+
 def _writer_lock(root: Path):
     """Serialise writers of one gallery; readers never lock (they follow the symlink)."""
     return file_lock(root / LOCK_FILE)

@@ -1,0 +1,61 @@
+"""Add newly labelled images to the live gallery (no retraining), triggered with params:
+
+    airflow dags trigger visrec_gallery_update -c '{"images_dir": "/data/new", "label_file": "/data/new/labels.txt"}'
+
+The label file holds ``relative/path<TAB>label`` lines (relative to ``images_dir``; the delimiter
+is params ``index.delimiter``). Tasks: validate (every image exists, decodes, meets the validate
+stage's min size, has a label: otherwise nothing is added) -> add_to_gallery (embed with
+``recognition.extractor``, publish a new gallery version atomically) -> notify_service.
+
+Env: VISREC_REPO (default: the parent of this dags folder), VISREC_PARAMS (default
+``<repo>/params.yaml``), VISREC_SERVICE_URL (unset: the notify task logs a skip).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+
+from airflow.sdk import Param, dag, task
+
+REPO = Path(os.environ.get("VISREC_REPO", Path(__file__).resolve().parents[1]))
+
+
+def _params_path() -> str:
+    return os.environ.get("VISREC_PARAMS", str(REPO / "params.yaml"))
+
+
+@dag(dag_id="visrec_gallery_update", schedule=None, start_date=datetime(2026, 1, 1), catchup=False,
+     tags=["visrec"], doc_md=__doc__,
+     params={"images_dir": Param("", type="string", description="folder the label file's paths are relative to"),
+             "label_file": Param("", type="string", description="relative/path<TAB>label lines")})
+def visrec_gallery_update():
+    @task(task_id="validate")
+    def validate(params=None) -> dict:
+        from visrec.orchestration import check_gallery_update
+
+        if not params["images_dir"] or not params["label_file"]:
+            raise ValueError("trigger with params {'images_dir': ..., 'label_file': ...}")
+        return check_gallery_update(params["images_dir"], params["label_file"], _params_path())
+
+    @task(task_id="add_to_gallery")
+    def add(checked: dict, params=None) -> dict:
+        from visrec.orchestration import update_gallery
+
+        result = update_gallery(params["images_dir"], params["label_file"], _params_path())
+        print(f"gallery update: {result}")
+        return result
+
+    @task(task_id="notify_service")
+    def notify(result: dict) -> str:
+        from visrec.orchestration import notify_service_reload
+
+        line = notify_service_reload(os.environ.get("VISREC_SERVICE_URL"), expected_version=result["version"])
+        print(line)
+        return line
+
+    notify(add(validate()))
+
+
+visrec_gallery_update()

@@ -1,0 +1,220 @@
+"""visrec.orchestration: what the Airflow DAGs call (DVC stages, promotion gate, gallery update)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from visrec.data.cub import read_cub
+from visrec.data.datasets import load_image
+from visrec.index.gallery import Gallery
+from visrec.inference.extractor import Extractor
+from visrec.inference.gallery_ops import GalleryItem, build_gallery
+from visrec.orchestration import (
+    notify_service_reload,
+    promotion_gate,
+    run_dvc_stage,
+    update_gallery,
+    validate_gallery_images,
+)
+
+DVC = str(Path(sys.executable).parent / "dvc")
+
+# ----------------------------------------------------------------------------- run_dvc_stage
+
+
+@pytest.fixture()
+def dvc_repo(tmp_path):
+    subprocess.run([DVC, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n"
+        "  boom:\n    cmd: echo 'something broke' >&2; exit 3\n"
+        "  ok:\n    cmd: echo hi > out.txt\n    outs:\n      - out.txt\n")
+    return tmp_path
+
+
+def test_failed_dvc_stage_is_named_in_the_error(dvc_repo):
+    with pytest.raises(RuntimeError, match=r"DVC stage 'boom' failed \(exit \d+\):.*(something broke|exited with 3)"):
+        run_dvc_stage("boom", dvc_repo)
+
+
+def test_dvc_stage_runs_then_is_skipped_when_unchanged(dvc_repo):
+    run_dvc_stage("ok", dvc_repo)
+    assert (dvc_repo / "out.txt").read_text() == "hi\n"
+    mtime = (dvc_repo / "out.txt").stat().st_mtime_ns
+    run_dvc_stage("ok", dvc_repo)  # cached: not rerun
+    assert (dvc_repo / "out.txt").stat().st_mtime_ns == mtime
+
+
+# ----------------------------------------------------------------------------- promotion gate
+
+
+def write_candidate(repo: Path, recall: float, ap50: float, marker: str = "new") -> None:
+    metrics = repo / "data" / "metrics"
+    metrics.mkdir(parents=True, exist_ok=True)
+    (metrics / "evaluate.json").write_text(json.dumps({"recall@1": recall, "mAP": 0.1}))
+    (metrics / "train_detector.json").write_text(json.dumps({"det_AP50": ap50, "det_mAP": 0.2}))
+    export = repo / "data" / "export" / "extractor"
+    export.mkdir(parents=True, exist_ok=True)
+    (export / "model.json").write_text(marker)
+
+
+def test_missing_champion_promotes_and_copies_export(tmp_path):
+    write_candidate(tmp_path, 0.5, 0.8, "first")
+    result = promotion_gate(tmp_path)
+    assert result["promoted"] and result["champion"] == {} and "no champion" in result["reason"]
+    assert result["candidate"] == {"recall@1": 0.5, "det_AP50": 0.8}
+    champion = tmp_path / "data" / "champion"
+    assert (champion / "export" / "extractor" / "model.json").read_text() == "first"
+    record = json.loads((champion / "metrics.json").read_text())
+    assert record["recall@1"] == 0.5 and record["det_AP50"] == 0.8
+    assert record["promoted_at"] and "git_commit" in record
+    assert sorted(p.name for p in champion.iterdir()) == ["export", "metrics.json"]  # no temp dirs left
+
+
+def test_better_candidate_replaces_champion(tmp_path):
+    write_candidate(tmp_path, 0.5, 0.8, "first")
+    promotion_gate(tmp_path)
+    write_candidate(tmp_path, 0.5, 0.85, "second")  # equal recall, better AP50
+    result = promotion_gate(tmp_path)
+    assert result["promoted"] and result["champion"]["recall@1"] == 0.5
+    champion = tmp_path / "data" / "champion"
+    assert (champion / "export" / "extractor" / "model.json").read_text() == "second"
+    assert json.loads((champion / "metrics.json").read_text())["det_AP50"] == 0.85
+    assert sorted(p.name for p in champion.iterdir()) == ["export", "metrics.json"]
+
+
+@pytest.mark.parametrize("recall, ap50, worse", [(0.4, 0.9, "recall@1"), (0.9, 0.7, "det_AP50")])
+def test_worse_candidate_keeps_champion(tmp_path, recall, ap50, worse):
+    write_candidate(tmp_path, 0.5, 0.8, "first")
+    promotion_gate(tmp_path)
+    write_candidate(tmp_path, recall, ap50, "second")
+    result = promotion_gate(tmp_path)
+    assert not result["promoted"] and worse in result["reason"]
+    champion = tmp_path / "data" / "champion"
+    assert (champion / "export" / "extractor" / "model.json").read_text() == "first"
+    assert json.loads((champion / "metrics.json").read_text())["recall@1"] == 0.5
+
+
+def test_missing_candidate_metrics_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="evaluate.json"):
+        promotion_gate(tmp_path)
+
+
+# ----------------------------------------------------------------------------- gallery update
+
+
+@pytest.fixture()
+def gallery_env(exported_models, tiny_cub, tmp_path):
+    """A FLAT gallery of classes 1-4 and a params.yaml pointing at it and the tiny extractor."""
+    root, _ = tiny_cub
+    meta = read_cub(root)
+    extractor_dir = exported_models[0]
+    items = [GalleryItem(meta.root / im.rel_path, f"class {im.class_id}") for im in meta.images if im.class_id <= 4]
+    gallery_path = tmp_path / "gallery"
+    build_gallery(Extractor(extractor_dir), items, "FLAT", progress=False).save(gallery_path)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "recognition": {"extractor": str(extractor_dir), "detector": None, "gallery": str(gallery_path)},
+        "index": {"index_type": "FLAT"},
+        "validate": {"min_width": 32, "min_height": 32},
+    }), encoding="utf-8")
+    # The new class: class 8's images, copied into an upload folder with a label file.
+    new_dir = tmp_path / "new"
+    (new_dir / "imgs").mkdir(parents=True)
+    rows = []
+    for im in [im for im in meta.images if im.class_id == 8][:3]:
+        dest = new_dir / "imgs" / Path(im.rel_path).name
+        dest.write_bytes((meta.root / im.rel_path).read_bytes())
+        rows.append(f"imgs/{dest.name}\tBrand new bird\n")
+    label_file = new_dir / "labels.txt"
+    label_file.write_text("".join(rows), encoding="utf-8")
+    return params, gallery_path, new_dir, label_file, len(items)
+
+
+def test_update_gallery_adds_a_new_class(gallery_env):
+    params, gallery_path, new_dir, label_file, before = gallery_env
+    old_version = Gallery.current_version(gallery_path)
+    result = update_gallery(new_dir, label_file, params)
+    assert result["added"] == 3 and result["count"] == before + 3 and result["labels"] == ["Brand new bird"]
+    assert Gallery.current_version(gallery_path) != old_version
+    extractor = Extractor(yaml.safe_load(params.read_text())["recognition"]["extractor"])
+    gallery = Gallery.load(gallery_path, expected_fingerprint=extractor.fingerprint)
+    assert len(gallery) == before + 3 and "Brand new bird" in gallery.labels()
+    assert gallery.version == result["version"]
+    first = new_dir / label_file.read_text().split("\t")[0]
+    # The tiny random-weight extractor maps every image to almost the same unit vector (cosine
+    # > 0.9999999 between any two), so which label wins top-1 is decided by float noise: check
+    # that the new image is found by its own label at score ~1, as good as any other hit.
+    hits = gallery.search(extractor.embed([load_image(first)]), top_k=len(gallery))[0]
+    new_hits = [h for h in hits if h.label == "Brand new bird"]
+    assert {h.id for h in new_hits} == set(result["ids"])
+    assert new_hits[0].score == pytest.approx(1.0, abs=1e-3)
+    assert new_hits[0].score == pytest.approx(hits[0].score, abs=1e-5)
+    assert any(h.metadata["path"] == str(first) for h in new_hits)
+
+
+def test_bad_image_refuses_the_whole_update(gallery_env):
+    params, gallery_path, new_dir, label_file, before = gallery_env
+    (new_dir / "imgs" / "broken.jpg").write_bytes(b"not a jpeg")
+    cv2.imwrite(str(new_dir / "imgs" / "tiny.png"), np.zeros((8, 8, 3), np.uint8))
+    with label_file.open("a", encoding="utf-8") as f:
+        f.write("imgs/broken.jpg\tBrand new bird\nimgs/tiny.png\tBrand new bird\nimgs/missing.jpg\tX\n")
+    old_version = Gallery.current_version(gallery_path)
+    with pytest.raises(ValueError, match=r"(?s)3 problem.*broken.jpg.*decode.*tiny.png.*8x8.*missing.jpg.*not found"):
+        update_gallery(new_dir, label_file, params)
+    assert Gallery.current_version(gallery_path) == old_version
+    assert len(Gallery.load(gallery_path)) == before
+
+
+def test_validate_gallery_images_flags_empty_label(tiny_cub):
+    root, _ = tiny_cub
+    image = next((root / "images").rglob("*.jpg"))
+    assert validate_gallery_images([GalleryItem(image, "ok")], 32, 32) == []
+    problems = validate_gallery_images([GalleryItem(image, " ")], 32, 32)
+    assert len(problems) == 1 and "empty label" in problems[0]
+    assert "min_size" in validate_gallery_images([GalleryItem(image, "ok")], 10_000, 32)[0]
+
+
+# ----------------------------------------------------------------------------- service
+
+
+def test_notify_without_service_is_skipped():
+    assert notify_service_reload(None).endswith("skipped")
+    line = notify_service_reload("http://127.0.0.1:9", timeout=1)  # discard port: nothing answers
+    assert line.startswith("no running service at http://127.0.0.1:9; skipped")
+
+
+def test_notify_reads_the_served_gallery_version():
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server API)
+            body = json.dumps({"version": "abc123", "count": 7}).encode()
+            self.send_response(200 if self.path == "/gallery/info" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/"
+        assert notify_service_reload(url, expected_version="abc123") == \
+            f"service at {url} serves gallery version abc123 (7 entries)"
+        assert "expected zzz" in notify_service_reload(url, expected_version="zzz")
+    finally:
+        server.shutdown()
+        server.server_close()
