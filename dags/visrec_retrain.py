@@ -3,7 +3,9 @@
 Each task runs one ``dvc repro --single-item <stage>`` (task id = stage name), so DVC skips a
 stage whose inputs did not change and a failure names its stage. Dependencies follow dvc.yaml:
 download -> split -> validate -> {train_extractor, train_detector} -> export -> build_index ->
-evaluate -> promotion_gate -> (only if promoted) notify_service.
+evaluate -> promotion_gate -> (only if promoted) notify_service. With ``tracking.enabled`` the gate
+works on the MLflow model registry (alias ``champion`` of visrec-extractor / visrec-detector moves to
+``candidate``), else on the file-based champion in ``data/champion``.
 
 Env: VISREC_REPO (default: the parent of this dags folder), VISREC_RETRAIN_SCHEDULE
 (default ``@weekly``), VISREC_SERVICE_URL (unset: the notify task logs a skip).
@@ -43,9 +45,11 @@ def visrec_retrain():
 
     @task.short_circuit(task_id="promotion_gate")
     def gate() -> bool:
-        from visrec.orchestration import promotion_gate
+        from visrec.orchestration import mlflow_promotion_gate, promotion_gate, tracking_enabled
 
-        result = promotion_gate(REPO)
+        # tracking on: the evaluate stage registered the candidates; the gate moves the MLflow alias
+        # `champion`. Off: the file-based champion (data/champion).
+        result = mlflow_promotion_gate(REPO) if tracking_enabled(REPO) else promotion_gate(REPO)
         print(f"promotion gate: {result}")
         return result["promoted"]
 

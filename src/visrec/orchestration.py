@@ -2,10 +2,13 @@
 
 * :func:`run_dvc_stage`      one ``dvc repro --single-item <stage>`` (DVC's cache skips unchanged stages)
 * :func:`promotion_gate`     candidate metrics vs the champion's; promote = copy ``data/export`` atomically
+* :func:`mlflow_promotion_gate`  the same decision on the MLflow model registry: move alias ``champion``
+                             to ``candidate`` (``visrec.registry.promote_if_better``)
 * :func:`validate_gallery_images` / :func:`update_gallery`   add new labelled images to the live gallery
 * :func:`notify_service_reload`   confirm a running service picked up the new gallery version
 
-The file-based champion (``data/champion/``) stands in for a model registry until MLflow's is wired in.
+The file-based champion (``data/champion/``) is the gate when tracking is off; with tracking on, the
+evaluate stage registers the candidates in MLflow and :func:`mlflow_promotion_gate` decides.
 """
 
 from __future__ import annotations
@@ -151,6 +154,35 @@ def promotion_gate(repo: str | Path, metrics_dir: str = "data/metrics", champion
         _write_json_atomic(champion_file, record)
     logger.info("promotion gate: %s (%s)", "PROMOTED" if promoted else "kept champion", reason)
     return {"promoted": promoted, "candidate": candidate, "champion": champion, "reason": reason}
+
+
+def tracking_enabled(repo: str | Path, params_path: str = "params.yaml") -> bool:
+    """``tracking.enabled`` of the repo's params file (the default config when there is none)."""
+    from visrec.config import Config, load_config
+
+    path = Path(repo) / params_path
+    return (load_config(path) if path.exists() else Config()).tracking.enabled
+
+
+def mlflow_promotion_gate(repo: str | Path, params_path: str = "params.yaml") -> dict[str, Any]:
+    """The promotion gate on the MLflow model registry (aliases ``candidate`` / ``champion`` of
+    ``visrec-extractor`` and ``visrec-detector``, registered by the evaluate stage).
+
+    Same rule and result keys as :func:`promotion_gate`. The store is the repo's ``tracking``
+    config: env MLFLOW_TRACKING_URI, else ``tracking.uri``, else ``sqlite:///<repo>/mlruns.db``.
+    """
+    from visrec.config import Config, load_config
+    from visrec.registry import promote_if_better
+    from visrec.tracking import client_for, probe
+
+    repo = Path(repo).resolve()
+    path = repo / params_path
+    cfg = (load_config(path) if path.exists() else Config()).tracking
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri or f"sqlite:///{repo / 'mlruns.db'}"
+    probe(uri)
+    result = promote_if_better(client_for(uri), cfg)
+    logger.info("registry promotion gate at %s: %s", uri, result)
+    return result
 
 
 # ----------------------------------------------------------------------------- gallery update
