@@ -115,6 +115,23 @@ def test_repro_then_nothing_then_only_downstream(repo_copy):
     recognised = json.loads(run(["visrec", "recognize", query["path"]], repo_copy, stdout_only=True))
     assert recognised["image"] == query["path"] and isinstance(recognised["results"], list)
 
+    # MLflow: one parent run for this pipeline execution, a child run per stage, both models
+    # registered with alias `candidate`
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo_copy / 'mlruns.db'}")
+    experiment = client.get_experiment_by_name("visrec")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    stages = {r.data.tags.get("visrec.stage") for r in runs if r.data.tags.get("mlflow.parentRunId")}
+    assert ALL_STAGES <= stages, stages
+    parents = {r.data.tags["mlflow.parentRunId"] for r in runs
+               if r.data.tags.get("visrec.stage") in ALL_STAGES and r.data.tags.get("mlflow.parentRunId")}
+    assert len(parents) == 1
+    evaluated = next(r for r in runs if r.data.tags.get("visrec.stage") == "evaluate")
+    assert "recall_at_1" in evaluated.data.metrics
+    for name in ("visrec-extractor", "visrec-detector"):
+        assert client.get_model_version_by_alias(name, "candidate").version
+
     second = run(["dvc", "repro"], repo_copy)
     assert ran_stages(second) == set(), second
 
