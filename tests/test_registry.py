@@ -198,18 +198,8 @@ def test_to_images_accepts_dataframe():
         _to_images(np.zeros((2, 3)))
 
 
-def _evaluate_stage():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "stages" / "evaluate.py"
-    spec = importlib.util.spec_from_file_location("stage_evaluate", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_evaluate_stage_registers_candidates(models, tmp_path, caplog):
-    """stages/evaluate.py's registration step: registers both exports; off -> skipped; failure -> warning,
+    """The evaluate stage's registration step: registers both exports; off -> skipped; failure -> warning,
     or TrackingError when tracking.required."""
     import shutil
 
@@ -218,7 +208,7 @@ def test_evaluate_stage_registers_candidates(models, tmp_path, caplog):
     from visrec.config import Config
     from visrec.tracking import TrackingError
 
-    stage = _evaluate_stage()
+    from visrec import registry as stage
     cfg = Config()
     cfg.paths.export = str(tmp_path / "export")
     cfg.paths.metrics = str(tmp_path / "metrics")

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from visrec.tracking import client_for, get_or_create_experiment, git_info, probe, resolve_uri, sanitize_name
+from visrec.tracking import (TrackingError, client_for, get_or_create_experiment, git_info, probe, resolve_uri,
+                             sanitize_name)
 
 logger = logging.getLogger(__name__)
 
@@ -316,3 +317,24 @@ def describe(client) -> str:
         aliases = {a: getattr(_alias_version(client, name, a), "version", None) for a in (CANDIDATE, CHAMPION)}
         parts.append(f"{name}: {json.dumps(aliases)}")
     return "; ".join(parts)
+
+
+def register_candidates(cfg, metrics: dict) -> None:
+    """Register both exports (alias ``candidate``) with their gate metrics: the extractor with this
+    stage's metrics, the detector with ``det_AP50`` of ``train_detector.json``."""
+    if not cfg.tracking.enabled:
+        return
+    try:
+        det_metrics_path = Path(cfg.paths.metrics) / "train_detector.json"
+        det_metrics = json.loads(det_metrics_path.read_text()) if det_metrics_path.is_file() else {}
+        export = Path(cfg.paths.export)
+        for kind, values in (("extractor", metrics), ("detector", {"det_AP50": det_metrics.get("det_AP50")})):
+            version = log_and_register(export / kind, kind, values, cfg.tracking)
+            logger.info("registered %s version %s as 'candidate'", version.name, version.version)
+    except Exception as exc:  # best effort unless tracking.required
+        uri = resolve_uri(cfg.tracking.uri)
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        if cfg.tracking.required:
+            raise TrackingError(f"registering the candidates at {uri} failed: {reason} "
+                                "(tracking.required is true; set it to false to make this best effort)") from None
+        logger.warning("registering the candidates at %s failed: %s; the stage result stands", uri, reason)
