@@ -8,10 +8,13 @@ renamed into place, so a run killed mid-save leaves the previous checkpoint inta
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import paddle
 
@@ -94,3 +97,27 @@ def prune_epoch_checkpoints(ckpt_dir: Path, keep_last: int) -> None:
     )
     for _, path in epochs[: max(0, len(epochs) - keep_last)]:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def load_finished_run(run_dir: str | Path, checkpoint: str, stage: str,
+                      build: Callable[[dict[str, Any]], paddle.nn.Layer]) -> tuple[paddle.nn.Layer, dict[str, Any]]:
+    """Rebuild the network of a finished training run (``model_config.json``) and load a checkpoint.
+
+    ``build`` makes the network from the run's model config; the backbone's ``pretrained``
+    key is dropped first (the checkpoint holds every weight). A missing ``checkpoint``
+    falls back to ``latest``. Returns the network in eval mode and the model config.
+    """
+    run_dir = Path(run_dir)
+    config_file = run_dir / "model_config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} not found: train the model first (dvc repro {stage})")
+    model_cfg = json.loads(config_file.read_text())
+    backbone = {k: v for k, v in model_cfg["backbone"].items() if k != "pretrained"}
+    model = build({**model_cfg, "backbone": backbone})
+    ckpt = run_dir / "checkpoints" / checkpoint
+    if not ckpt.exists():
+        logging.getLogger(__name__).warning("%s not found; using the latest checkpoint", ckpt)
+        ckpt = run_dir / "checkpoints" / "latest"
+    load_checkpoint(ckpt, model)
+    model.eval()
+    return model, model_cfg

@@ -34,7 +34,7 @@ from visrec.metrics.detection import DETECTION_KEYS, coco_detection_metrics
 from visrec.models.backbones import backbone_normalization, load_pretrained
 from visrec.models.detector import DetectionLoss, MainbodyDetector, build_detector, check_input_size
 from visrec.models.extractor import param_groups
-from visrec.training.checkpoint import load_checkpoint
+from visrec.training.checkpoint import load_checkpoint, load_finished_run
 from visrec.training.engine import EngineConfig, Trainer, TrainerState
 from visrec.training.optim import build_optimizer, build_scheduler
 from visrec.utils.fs import replace_dir, write_json
@@ -252,17 +252,4 @@ def run_training(cfg: DetectorConfig, raw_root: Path, split_dir: Path, out_dir: 
 
 def load_trained(run_dir: Path, checkpoint: str = "best_model") -> tuple[MainbodyDetector, dict[str, Any]]:
     """Rebuild the detector of a finished run and load one of its checkpoints."""
-    run_dir = Path(run_dir)
-    config_file = run_dir / MODEL_CONFIG_FILE
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file} not found: train the detector first (dvc repro train_detector)")
-    model_cfg = json.loads(config_file.read_text())
-    backbone = {k: v for k, v in model_cfg["backbone"].items() if k != "pretrained"}
-    model = build_detector({**model_cfg, "backbone": backbone})
-    ckpt = run_dir / "checkpoints" / checkpoint
-    if not ckpt.exists():
-        logger.warning("%s not found; using the latest checkpoint", ckpt)
-        ckpt = run_dir / "checkpoints" / "latest"
-    load_checkpoint(ckpt, model)
-    model.eval()
-    return model, model_cfg
+    return load_finished_run(run_dir, checkpoint, "train_detector", build_detector)

@@ -173,18 +173,7 @@ def run_training(cfg: ExtractorConfig, raw_root: Path, split_dir: Path, out_dir:
 
 def load_trained(run_dir: Path, checkpoint: str = "best_model") -> tuple[RecModel, dict[str, Any]]:
     """Rebuild the network of a finished run and load one of its checkpoints."""
-    from visrec.training.checkpoint import load_checkpoint
+    from visrec.training.checkpoint import load_finished_run
 
-    run_dir = Path(run_dir)
-    config_file = run_dir / MODEL_CONFIG_FILE
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file} not found: train the extractor first (dvc repro train_extractor)")
-    model_cfg = json.loads(config_file.read_text())
-    backbone = {k: v for k, v in model_cfg["backbone"].items() if k != "pretrained"}
-    model = build_rec_model(backbone, model_cfg["neck"], model_cfg["head"], model_cfg["class_num"])
-    ckpt = run_dir / "checkpoints" / checkpoint
-    if not ckpt.exists():
-        ckpt = run_dir / "checkpoints" / "latest"
-    load_checkpoint(ckpt, model)
-    model.eval()
-    return model, model_cfg
+    return load_finished_run(run_dir, checkpoint, "train_extractor", lambda cfg: build_rec_model(
+        cfg["backbone"], cfg["neck"], cfg["head"], cfg["class_num"]))
