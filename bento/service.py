@@ -7,9 +7,10 @@ Endpoints (images are multipart file uploads, field ``image`` / ``images``):
 
 * ``POST /recognize``     image [+ top_k, threshold, return_topk] -> {"results": [{bbox, rec_docs, rec_scores}]}
 * ``POST /embed``         image -> {"embedding": [...], "dim": D, "fingerprint": "..."}; with
-                          ``serve.adaptive_batching`` the extractor call goes through ``/embed_batch``
-                          (``batchable=True``) and concurrent requests are batched; off by default,
-                          since here it was 3-16x slower than calling the extractor directly
+                          ``serve.adaptive_batching`` concurrent requests are grouped into one
+                          extractor call by BentoML's adaptive dispatcher, run in-process
+                          (``visrec.serving.batching``)
+* ``POST /embed_batch``   ``batchable=True``: arrays ``[N, S, S, 3]`` -> embeddings, for array clients
 * ``POST /gallery/add``   images + label (one for all) or labels (a JSON list)      [admin]
 * ``POST /gallery/remove`` {"ids": [...]} or {"label": "..."}                          [admin]
 * ``GET  /gallery/info``  the live gallery's summary
@@ -20,12 +21,11 @@ are disabled (403), never open. ``VISREC_PARAMS`` [params.yaml] names the params
 ``recognition`` section names models and gallery, its ``serve`` section the upload limits
 (``VISREC_MAX_UPLOAD_MB`` and ``VISREC_MAX_PIXELS`` override them).
 
-Gallery changes are copy-on-write: load the live gallery from disk, change the copy, publish it
-with the (atomic) ``Gallery.save``, then swap the reference. A request in flight keeps the
-gallery object it started with, so it never sees half a change. Every worker polls
-``Gallery.current_version`` (one readlink) before each request and reloads when it moved, so
-changes made by any worker, or by ``visrec gallery`` on the same directory, are served without
-a restart. A file lock in the gallery directory serialises read-modify-save across workers.
+What is served: the promoted champion (``paths.champion``, published by the promotion gate)
+when ``serve.champion`` is on and one exists, else the pipeline's latest export. Every worker
+follows promotions and gallery changes on disk without a restart, and gallery changes are
+copy-on-write, so a request never sees half a change: see ``visrec.serving.live``. Images added
+through ``/gallery/add`` are kept under ``serve.upload_dir`` so a new champion can re-embed them.
 
 Bad uploads (empty, not an image, truncated, too many bytes, too many pixels) get a 4xx JSON
 body ``{"error": "..."}`` naming the problem; see ``visrec.serving.images``.
@@ -34,7 +34,6 @@ body ``{"error": "..."}`` naming the problem; see ``visrec.serving.images``.
 import json
 import logging
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -53,9 +52,10 @@ with bentoml.importing():
     from fastapi import FastAPI
 
     from visrec.config import load_config
-    from visrec.index.gallery import Gallery, UnknownIdError, update_lock
-    from visrec.inference.pipeline import RecognitionSystem
+    from visrec.index.gallery import Gallery, UnknownIdError
     from visrec.serving import BodySizeLimit, check_admin, configure_pil
+    from visrec.serving.batching import AdaptiveBatcher, BatcherOverloaded
+    from visrec.serving.live import LiveRecognition
     from visrec.serving.images import BadImageError, decode_upload
 
 for _handler in [h for h in _root.handlers if h not in _root_state[0]]:
@@ -74,6 +74,10 @@ MAX_FILES_PER_ADD = 16
 MULTIPART_OVERHEAD = 1024 * 1024  # form fields and part headers around the file bytes
 
 info_app = FastAPI(title="visrec gallery (read-only)")
+# Rows per extractor call of /embed's in-process adaptive batching (served at /metrics).
+EMBED_BATCH_SIZE = bentoml.metrics.Histogram(
+    name="visrec_embed_batch_size", documentation="images per extractor call of /embed (adaptive batching)",
+    buckets=(1, 2, 4, 8, 16, 32, 64))
 
 
 def error(status: int, message: str, ctx: Any = None) -> JSONResponse:
@@ -106,53 +110,25 @@ class VisrecRecognition:
     def __init__(self) -> None:
         params = os.environ.get(PARAMS_ENV, "params.yaml")
         config = load_config(params)
-        self.settings = config.recognition
         self.max_bytes = int(_env_number(MAX_UPLOAD_ENV, config.serve.max_upload_mb) * 1024 * 1024)
         self.max_pixels = int(_env_number(MAX_PIXELS_ENV, config.serve.max_pixels))
         batching = os.environ.get(BATCHING_ENV)
         self.adaptive_batching = (config.serve.adaptive_batching if batching is None
                                   else batching.strip().lower() not in ("0", "false", "no", "off"))
+        # BentoML's adaptive batching dispatcher, run in-process (visrec.serving.batching): the
+        # proxy call to the batchable endpoint below costs an HTTP hop with a JSON array per image.
+        self.batcher = (AdaptiveBatcher(self._embed_arrays, config.serve.max_batch_size,
+                                        config.serve.max_batch_latency_ms, on_batch=EMBED_BATCH_SIZE.observe)
+                        if self.adaptive_batching else None)
         configure_pil(self.max_pixels)
-        self.gallery_path = Path(self.settings.gallery)
-        self._lock = threading.RLock()  # gallery reload / swap / mutation within this worker
-        self._model_lock = threading.Lock()  # Paddle predictors are not thread-safe
-        with self._lock:
-            self._version = Gallery.current_version(self.gallery_path)
-            self.system = RecognitionSystem.from_config(self.settings)
-        ext = self.system.extractor
-        logger.info("visrec service ready: params %s, extractor %s (dim %d, %s), detector %s, gallery %s "
-                    "(%d entries, version %s)", params, ext.model_dir, ext.dim, ext.fingerprint,
-                    self.settings.detector, self.gallery_path, len(self.system.gallery), self._version)
+        self.live = LiveRecognition(config, base=Path(params).resolve().parent)
+        logger.info("visrec service ready (params %s)", params)
 
     # ------------------------------------------------------------------ helpers
 
     def _admin(self, ctx: bentoml.Context) -> JSONResponse | None:
         status, message = check_admin(os.environ.get(ADMIN_TOKEN_ENV), ctx.request.headers.get("authorization"))
         return None if status == 200 else error(status, message, ctx)
-
-    def _gallery(self) -> Gallery:
-        """The live gallery, reloaded first if another worker or tool published a new version."""
-        with self._lock:
-            version = Gallery.current_version(self.gallery_path)
-            if version != self._version:
-                gallery = Gallery.load(self.gallery_path, expected_fingerprint=self.system.extractor.fingerprint,
-                                       num_threads=self.settings.num_threads)
-                self.system.set_gallery(gallery)
-                logger.info("reloaded gallery %s: version %s -> %s (%d entries)", self.gallery_path,
-                            self._version, version, len(gallery))
-                self._version = version
-            return self.system.gallery
-
-    def _mutate(self, change: Any) -> tuple[Any, Gallery]:
-        """Apply ``change(gallery)`` to a fresh copy of the live gallery, publish it, swap it in."""
-        with self._lock, update_lock(self.gallery_path):
-            gallery = Gallery.load(self.gallery_path, expected_fingerprint=self.system.extractor.fingerprint,
-                                   num_threads=self.settings.num_threads)
-            result = change(gallery)  # raises before anything is saved if the change is invalid
-            gallery.save(self.gallery_path)
-            self.system.set_gallery(gallery)
-            self._version = Gallery.current_version(self.gallery_path)
-            return result, gallery
 
     def _read_upload(self, path: Path) -> np.ndarray:
         """The uploaded file as HWC uint8 RGB; size checked before reading (BadImageError)."""
@@ -181,60 +157,41 @@ class VisrecRecognition:
             array = self._read_upload(image)
         except BadImageError as exc:
             return self._bad_image(exc)
-        gallery = self._gallery()
+        system, gallery = self.live.refresh()
         if len(gallery) == 0:
             return error(409, "the gallery is empty: add images first (POST /gallery/add)")
         start = time.perf_counter()
-        with self._model_lock:
-            boxes, features = self.system.describe(array)
-        results = self.system.recognize(boxes, features, gallery=gallery, top_k=top_k, threshold=threshold,
+        boxes, features = self.live.describe(array, system)
+        results = system.recognize(boxes, features, gallery=gallery, top_k=top_k, threshold=threshold,
                                         return_topk=return_topk)
-        return {"results": results, "gallery_version": gallery.version,
+        return {"results": results, "gallery_version": gallery.version, "champion": self.live.champion,
                 "elapsed_ms": round((time.perf_counter() - start) * 1000, 2)}
 
     @bentoml.api(route="/embed_batch", batchable=True, batch_dim=0, max_batch_size=32, max_latency_ms=2000)
     def embed_batch(self, images: np.ndarray) -> np.ndarray:
-        """Adaptive-batching extractor call: ``[N, S, S, 3]`` uint8 RGB at the extractor's input
-        size ``S`` -> ``[N, D]`` L2-normalised embeddings. ``/embed`` feeds it."""
+        """Adaptive-batching extractor call for clients that send decoded arrays: ``[N, S, S, 3]``
+        uint8 RGB at the extractor's input size ``S`` -> ``[N, D]`` L2-normalised embeddings.
+        Concurrent HTTP calls are batched by BentoML's dispatcher."""
         return self._embed_arrays(images)
 
     def _embed_arrays(self, images: np.ndarray) -> np.ndarray:
         """The extractor call itself (inside a server ``self.embed_batch`` is BentoML's proxy)."""
-        extractor = self.system.extractor
+        system, _ = self.live.refresh()
+        extractor = system.extractor
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[1:] != (extractor.size, extractor.size, 3):
             raise bentoml.exceptions.InvalidArgument(
                 f"expected [N, {extractor.size}, {extractor.size}, 3] images, got shape {list(images.shape)}")
         images = np.clip(images, 0, 255).astype(np.uint8, copy=False)
-        with self._model_lock:
-            return extractor.embed(list(images))
-
-    @staticmethod
-    async def _call_batcher(proxy: Any, batch: np.ndarray, attempts: int = 4) -> Any:
-        """``proxy.embed_batch(batch)``, retried on transport errors.
-
-        BentoML 1.4.39's in-process proxy recycles its aiohttp session every 100 calls and closes
-        the old one under calls still in flight, which then fail with ClientConnectionResetError /
-        ServerDisconnectedError (~3% of /embed calls at concurrency 16 in bench_service.py).
-        Embedding is pure, so a retry is safe.
-        """
-        import aiohttp
-
-        for attempt in range(attempts):
-            try:
-                return await proxy.embed_batch(batch)
-            except aiohttp.ClientError as exc:
-                if attempt == attempts - 1:
-                    raise
-                logger.debug("embed_batch call failed (%s: %s); retrying", type(exc).__name__, exc)
-        raise AssertionError("unreachable")
+        return self.live.embed(list(images), system)
 
     @bentoml.api(route="/embed")
     async def embed(self, image: Path) -> dict[str, Any]:
         """The embedding of a whole uploaded image (adaptively batched with concurrent calls)."""
         import anyio
 
-        extractor = self.system.extractor
+        system, _ = self.live.refresh()
+        extractor = system.extractor
         try:
             array = await anyio.to_thread.run_sync(self._read_upload, image)
         except BadImageError as exc:
@@ -244,10 +201,12 @@ class VisrecRecognition:
         if array.shape[:2] != (extractor.size, extractor.size):
             array = cv2.resize(array, (extractor.size, extractor.size), interpolation=cv2.INTER_LINEAR)
         batch = array[None]
-        proxy = getattr(self, "to_async", None)  # set by the BentoML server: calls go via the batcher
-        if proxy is not None and self.adaptive_batching:
-            vectors = np.asarray(await self._call_batcher(proxy, batch), dtype=np.float32)
-        else:  # batching off (serve.adaptive_batching), or used as a plain object (tests, notebooks)
+        if self.batcher is not None:  # grouped with concurrent requests into one extractor call
+            try:
+                vectors = await self.batcher(batch)
+            except BatcherOverloaded as exc:
+                return error(503, str(exc))
+        else:
             vectors = await anyio.to_thread.run_sync(self._embed_arrays, batch)
         vector = vectors.reshape(-1)
         return {"embedding": [round(float(v), 7) for v in vector], "dim": int(vector.size),
@@ -273,21 +232,20 @@ class VisrecRecognition:
             return error(400, f"{len(names)} labels for {len(images)} images: give one label per image", ctx)
         if any(not n.strip() for n in names):
             return error(400, "labels must be non-empty strings", ctx)
-        arrays = []
+        arrays, stored = [], []
         for i, path in enumerate(images):
             try:
                 arrays.append(self._read_upload(path))
             except BadImageError as exc:
                 return self._bad_image(exc, f"images[{i}]", ctx)
-        extractor = self.system.extractor
-        with self._model_lock:
-            vectors = extractor.embed(arrays)
-        norms = np.linalg.norm(vectors, axis=1)
-        if not np.all(np.isfinite(norms) & (norms > 1e-6)):
-            return error(422, "the extractor gives no usable embedding for some of these images; nothing was added", ctx)
-        metadata = [{"source": "api", "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-                    for _ in images]
-        ids, gallery = self._mutate(lambda g: g.add(vectors, names, metadata))
+        for path in images:  # kept so that a future champion's extractor can re-embed them
+            stored.append(self.live.store_upload(path.read_bytes(), path.suffix or ".img"))
+        try:
+            ids, gallery = self.live.add_images(arrays, names, stored)
+        except ValueError as exc:
+            return error(422, str(exc), ctx)
+        except RuntimeError as exc:  # a promotion raced the embedding
+            return error(409, str(exc), ctx)
         logger.info("gallery add: %d image(s), labels %s -> ids %s", len(ids), sorted(set(names)), ids)
         return {"ids": [int(i) for i in ids], "labels": names, "count": len(gallery),
                 "gallery_version": gallery.version}
@@ -302,7 +260,7 @@ class VisrecRecognition:
             return error(400, "give exactly one of 'ids' (a list of gallery ids) or 'label'", ctx)
         if ids is not None and not ids:
             return error(400, "'ids' is empty", ctx)
-        if label is not None and label not in self._gallery().labels():
+        if label is not None and label not in self.live.refresh()[1].labels():
             return error(404, f"no gallery entries with label {label!r}", ctx)
 
         def change(gallery: Gallery) -> int:
@@ -314,7 +272,7 @@ class VisrecRecognition:
             return gallery.remove(ids)
 
         try:
-            removed, gallery = self._mutate(change)
+            removed, gallery = self.live.mutate(change)
         except UnknownIdError as exc:
             return error(404, str(exc), ctx)
         logger.info("gallery remove: %s -> %d entries removed", f"label {label!r}" if label else f"ids {ids}",
@@ -324,9 +282,10 @@ class VisrecRecognition:
     @info_app.get("/info")
     def gallery_info(self) -> dict[str, Any]:
         """The live gallery: size, labels, index type, extractor fingerprint, version."""
-        gallery = self._gallery()
+        system, gallery = self.live.refresh()
         info = json.loads(json.dumps(gallery.info(), default=str))
-        info.update({"version_dir": self._version, "extractor_fingerprint": self.system.extractor.fingerprint})
+        info.update({"version_dir": self.live.version, "extractor_fingerprint": system.extractor.fingerprint,
+                     "champion": self.live.champion})
         return info
 
 

@@ -91,3 +91,25 @@ def exported_models(tiny_cub, tmp_path_factory):
             detector(batch(64, *det_training.normalization(cfg.detector)))
     export_detector(detector, det_cfg, out / "detector", onnx=False)
     return out / "extractor", out / "detector"
+
+
+@pytest.fixture()
+def pipeline_repo(tmp_path, exported_models, tiny_cub):
+    """A repo folder holding what the pipeline leaves for the promotion gate: ``data/export``
+    (both models) and ``data/gallery`` (2 images each of classes 1-3, labels ``class N``).
+    Returns (repo, {class id: [image paths]})."""
+    import shutil
+
+    from visrec.data.cub import read_cub
+    from visrec.inference.extractor import Extractor
+    from visrec.inference.gallery_ops import GalleryItem, build_gallery
+
+    root, _ = tiny_cub
+    meta = read_cub(root)
+    export = tmp_path / "data" / "export"
+    for kind, src in zip(("extractor", "detector"), exported_models, strict=True):
+        shutil.copytree(src, export / kind)
+    images = {c: [meta.root / im.rel_path for im in meta.images if im.class_id == c] for c in range(1, 9)}
+    items = [GalleryItem(p, f"class {c}") for c in (1, 2, 3) for p in images[c][:2]]
+    build_gallery(Extractor(export / "extractor"), items, "FLAT", progress=False).save(tmp_path / "data" / "gallery")
+    return tmp_path, images

@@ -442,6 +442,21 @@ def by_position(dets) -> np.ndarray:
     return dets[np.lexsort(keys.T[::-1])]
 
 
+def assert_same_clear_detections(det: np.ndarray, ref: np.ndarray, tag: str) -> None:
+    """Same kept boxes, except where the top-5 cut falls between scores tied within float noise
+    (with score_threshold 0 a tiny net has many near-equal candidates; which one survives NMS
+    then depends on the last bits): every detection whose score stands clear of all other
+    candidates' must be there, with the same box."""
+    det = np.asarray(det, dtype=np.float64).reshape(-1, 5)
+    assert ref.shape == det.shape, tag
+    for i in range(len(ref)):
+        others = np.delete(ref[:, 4], i)
+        if np.all(np.abs(others - ref[i, 4]) > 1e-3) and ref[i, 4] - ref[:, 4].min() > 1e-3:
+            match = np.abs(det[:, 4] - ref[i, 4]) < 1e-4
+            assert match.any(), (tag, ref[i], det)
+            np.testing.assert_allclose(det[match][0, :4], ref[i, :4], rtol=1e-4, atol=1e-3, err_msg=tag)
+
+
 def test_export_parity_dygraph_paddle_inference_onnx(trained_run, tiny_det, tmp_path):
     out, _ = trained_run
     root, split = tiny_det
@@ -463,17 +478,18 @@ def test_export_parity_dygraph_paddle_inference_onnx(trained_run, tiny_det, tmp_
     assert all(len(d) == 5 for d in reference)
     for backend in ("paddle", "onnx"):
         detector = Detector(tmp_path / "export", backend=backend, num_threads=1, score_threshold=0.0)
-        got = detector.postprocess(*detector.predict_dense(batch), infos)
+        dense_boxes, dense_scores = detector.predict_dense(batch)
+        # The network's dense outputs match; post-processing is the same numpy code for all.
+        np.testing.assert_allclose(dense_boxes, boxes, rtol=1e-4, atol=1e-3, err_msg=backend)
+        np.testing.assert_allclose(dense_scores, scores, rtol=1e-5, atol=1e-4, err_msg=backend)
+        got = detector.postprocess(dense_boxes, dense_scores, infos)
         for ref, det in zip(reference, got, strict=True):
-            assert ref.shape == det.shape
-            det, ref = by_position(det), by_position(ref)
-            np.testing.assert_allclose(det[:, :4], ref[:, :4], atol=1e-3, err_msg=backend)
-            np.testing.assert_allclose(det[:, 4], ref[:, 4], atol=1e-4, err_msg=backend)
+            assert_same_clear_detections(det, ref, backend)
         # from raw images: Detector's own preprocessing equals the evaluation dataset's
         images = [load_image(r.path) for r in dataset.records[:3]]
         from_images = detector.detect_batch(images)
         for ref, det in zip(reference[:3], from_images, strict=True):
-            np.testing.assert_allclose(by_position(det), by_position(ref), atol=1e-3)
+            assert_same_clear_detections(np.asarray(det), ref, f"{backend} from images")
         assert detector(images[0]) == from_images[0]
 
     dygraph = predict_dataset(dygraph_predict_fn(model), dataset, 5, post)

@@ -56,51 +56,60 @@ def test_dvc_stage_runs_then_is_skipped_when_unchanged(dvc_repo):
 # ----------------------------------------------------------------------------- promotion gate
 
 
-def write_candidate(repo: Path, recall: float, ap50: float, marker: str = "new") -> None:
+@pytest.fixture()
+def candidate_repo(pipeline_repo):
+    return pipeline_repo[0]
+
+
+def write_candidate(repo: Path, recall: float, ap50: float) -> None:
     metrics = repo / "data" / "metrics"
     metrics.mkdir(parents=True, exist_ok=True)
     (metrics / "evaluate.json").write_text(json.dumps({"recall@1": recall, "mAP": 0.1}))
     (metrics / "train_detector.json").write_text(json.dumps({"det_AP50": ap50, "det_mAP": 0.2}))
-    export = repo / "data" / "export" / "extractor"
-    export.mkdir(parents=True, exist_ok=True)
-    (export / "model.json").write_text(marker)
 
 
-def test_missing_champion_promotes_and_copies_export(tmp_path):
-    write_candidate(tmp_path, 0.5, 0.8, "first")
-    result = promotion_gate(tmp_path)
+def test_missing_champion_promotes_and_publishes_export_and_gallery(candidate_repo):
+    from visrec.serving.champion import champion_record, current_champion
+
+    write_candidate(candidate_repo, 0.5, 0.8)
+    result = promotion_gate(candidate_repo)
     assert result["promoted"] and result["champion"] == {} and "no champion" in result["reason"]
     assert result["candidate"] == {"recall@1": 0.5, "det_AP50": 0.8}
-    champion = tmp_path / "data" / "champion"
-    assert (champion / "export" / "extractor" / "model.json").read_text() == "first"
-    record = json.loads((champion / "metrics.json").read_text())
-    assert record["recall@1"] == 0.5 and record["det_AP50"] == 0.8
-    assert record["promoted_at"] and "git_commit" in record
-    assert sorted(p.name for p in champion.iterdir()) == ["export", "metrics.json"]  # no temp dirs left
+    root = candidate_repo / "data" / "champion"
+    assert current_champion(root) == result["published"]
+    live = root / "current"
+    assert (live / "export" / "extractor" / "model.json").is_file() and (live / "export" / "detector").is_dir()
+    assert len(Gallery.load(live / "gallery")) == len(Gallery.load(candidate_repo / "data" / "gallery"))
+    record = champion_record(root)
+    assert record["recall@1"] == 0.5 and record["det_AP50"] == 0.8 and record["gate"] == "files"
+    assert record["promoted_at"] and "git_commit" in record and record["previous"] is None
+    assert sorted(p.name for p in root.iterdir()) == sorted(["current", result["published"]])  # no temp dirs left
 
 
-def test_better_candidate_replaces_champion(tmp_path):
-    write_candidate(tmp_path, 0.5, 0.8, "first")
-    promotion_gate(tmp_path)
-    write_candidate(tmp_path, 0.5, 0.85, "second")  # equal recall, better AP50
-    result = promotion_gate(tmp_path)
+def test_better_candidate_replaces_champion(candidate_repo):
+    from visrec.serving.champion import champion_record
+
+    write_candidate(candidate_repo, 0.5, 0.8)
+    first = promotion_gate(candidate_repo)["published"]
+    write_candidate(candidate_repo, 0.5, 0.85)  # equal recall, better AP50
+    result = promotion_gate(candidate_repo)
     assert result["promoted"] and result["champion"]["recall@1"] == 0.5
-    champion = tmp_path / "data" / "champion"
-    assert (champion / "export" / "extractor" / "model.json").read_text() == "second"
-    assert json.loads((champion / "metrics.json").read_text())["det_AP50"] == 0.85
-    assert sorted(p.name for p in champion.iterdir()) == ["export", "metrics.json"]
+    record = champion_record(candidate_repo / "data" / "champion")
+    assert record["name"] == result["published"] != first and record["previous"] == first
+    assert record["det_AP50"] == 0.85
 
 
 @pytest.mark.parametrize("recall, ap50, worse", [(0.4, 0.9, "recall@1"), (0.9, 0.7, "det_AP50")])
-def test_worse_candidate_keeps_champion(tmp_path, recall, ap50, worse):
-    write_candidate(tmp_path, 0.5, 0.8, "first")
-    promotion_gate(tmp_path)
-    write_candidate(tmp_path, recall, ap50, "second")
-    result = promotion_gate(tmp_path)
-    assert not result["promoted"] and worse in result["reason"]
-    champion = tmp_path / "data" / "champion"
-    assert (champion / "export" / "extractor" / "model.json").read_text() == "first"
-    assert json.loads((champion / "metrics.json").read_text())["recall@1"] == 0.5
+def test_worse_candidate_keeps_champion(candidate_repo, recall, ap50, worse):
+    from visrec.serving.champion import champion_record
+
+    write_candidate(candidate_repo, 0.5, 0.8)
+    first = promotion_gate(candidate_repo)["published"]
+    write_candidate(candidate_repo, recall, ap50)
+    result = promotion_gate(candidate_repo)
+    assert not result["promoted"] and worse in result["reason"] and "published" not in result
+    record = champion_record(candidate_repo / "data" / "champion")
+    assert record["name"] == first and record["recall@1"] == 0.5
 
 
 def test_missing_candidate_metrics_is_a_clear_error(tmp_path):
@@ -198,7 +207,7 @@ def test_notify_reads_the_served_gallery_version():
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server API)
-            body = json.dumps({"version": "abc123", "count": 7}).encode()
+            body = json.dumps({"version": "abc123", "count": 7, "champion": "c000001-aa"}).encode()
             self.send_response(200 if self.path == "/gallery/info" else 404)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
@@ -212,9 +221,10 @@ def test_notify_reads_the_served_gallery_version():
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_port}/"
-        assert notify_service_reload(url, expected_version="abc123") == \
-            f"service at {url} serves gallery version abc123 (7 entries)"
-        assert "expected zzz" in notify_service_reload(url, expected_version="zzz")
+        assert notify_service_reload(url, expected_version="abc123", expected_champion="c000001-aa") == \
+            f"service at {url} serves champion c000001-aa, gallery version abc123 (7 entries)"
+        assert "expected gallery version zzz" in notify_service_reload(url, expected_version="zzz")
+        assert "NOT the new champion c000002-bb" in notify_service_reload(url, expected_champion="c000002-bb")
     finally:
         server.shutdown()
         server.server_close()

@@ -5,11 +5,13 @@ Tiny exported models (``exported_models``) on a temp SQLite store with artifacts
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from visrec.config import TrackingConfig
 
@@ -251,9 +253,29 @@ def test_mlflow_promotion_gate(models, tmp_path, monkeypatch):
     cfg = Config().tracking
     cfg.uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     cfg.artifact_root = str(tmp_path / "art")
+    import shutil
+
+    from visrec.inference.extractor import Extractor
+    from visrec.inference.gallery_ops import GalleryItem, build_gallery
+    from visrec.serving.champion import champion_record
+
     log_and_register(models[0], "extractor", {"recall@1": 0.3}, cfg)
     log_and_register(models[1], "detector", {"det_AP50": 0.2}, cfg)
+    export = tmp_path / "data" / "export"  # the pipeline's latest outputs: what the gate publishes
+    shutil.copytree(models[0], export / "extractor")
+    shutil.copytree(models[1], export / "detector")
+    image = tmp_path / "a.png"
+    Image.fromarray(_images(1)[0]).save(image)
+    build_gallery(Extractor(export / "extractor"), [GalleryItem(image, "a")], "FLAT", progress=False).save(
+        tmp_path / "data" / "gallery")
     monkeypatch.chdir(tmp_path.parent)  # the gate must not depend on the working directory
     result = mlflow_promotion_gate(tmp_path)
     assert result["promoted"] and result["candidate"]["recall_at_1"] == 0.3
+    record = champion_record(tmp_path / "data" / "champion")
+    assert record["name"] == result["published"] and record["gate"].startswith("mlflow")
     assert mlflow_promotion_gate(tmp_path)["promoted"]  # equal metrics: still >=
+
+    model_json = export / "detector" / "model.json"  # a local export that is not the registered candidate
+    model_json.write_text(model_json.read_text().replace(json.loads(model_json.read_text())["fingerprint"], "other"))
+    with pytest.raises(ValueError, match="is not the registered candidate visrec-detector"):
+        mlflow_promotion_gate(tmp_path)

@@ -8,9 +8,15 @@
     visrec gallery remove --ids 3 --ids 7 | --label "Blue Jay"
     visrec gallery info
     visrec runs compare --stage evaluate        # the latest tracked stage runs (MLflow) side by side
+    visrec champion promote                     # the promotion gate: publish the candidate if no worse
+    visrec champion show                        # the served champion's record
+    visrec classify train | eval | export       # image classification (params: classify)
+    visrec classify predict photos/ --top-k 5   # one JSON line per image: top-k class ids, names, scores
 
 Settings come from ``params.yaml`` (``recognition`` and ``index`` sections) with dotted
-overrides (``-o recognition.top_k=3``). Errors are one ``error:`` line and exit code 1; a
+overrides (``-o recognition.top_k=3``). ``recognize``, ``extract`` and ``gallery`` work on what
+the service serves: the promoted champion's models and gallery when there is one (``serve.champion``),
+else the pipeline's latest outputs named in ``recognition``. Errors are one ``error:`` line and exit code 1; a
 failed gallery change leaves the saved gallery as it was.
 """
 
@@ -36,6 +42,11 @@ gallery_app = typer.Typer(help="Build, change and inspect the gallery.", no_args
 app.add_typer(gallery_app, name="gallery")
 runs_app = typer.Typer(help="Compare the pipeline's tracked stage runs (MLflow).", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
+champion_app = typer.Typer(help="The promoted models + gallery that the service serves.", no_args_is_help=True)
+app.add_typer(champion_app, name="champion")
+classify_app = typer.Typer(help="Image classification: train, evaluate, export, predict (params: classify).",
+                           no_args_is_help=True)
+app.add_typer(classify_app, name="classify")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -55,6 +66,7 @@ def _fail_cleanly(func: Callable[..., Any]) -> Callable[..., Any]:
         from visrec.utils.logs import setup_logging
 
         setup_logging("WARNING" if "VISREC_LOG_LEVEL" not in __import__("os").environ else None)
+        logging.getLogger("visrec").setLevel(logging.NOTSET)  # undo an earlier command's _info_logs
         try:
             return func(*args, **kwargs)
         except (CliError, ConfigError, ValueError, FileNotFoundError, KeyError, OSError) as exc:
@@ -66,7 +78,15 @@ def _fail_cleanly(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _config(params: Path, overrides: list[str] | None) -> Config:
-    return load_config(params, overrides or [])
+    """The params file with overrides; ``recognition`` names what is served: the champion's
+    models and gallery when one is published (``serve.champion``), else the pipeline's latest."""
+    import dataclasses
+
+    from visrec.serving.champion import served_recognition
+
+    cfg = load_config(params, overrides or [])
+    rec, _ = served_recognition(cfg, Path(params).resolve().parent)
+    return dataclasses.replace(cfg, recognition=rec)
 
 
 def _images_in(path: Path) -> list[Path]:
@@ -272,6 +292,131 @@ def runs_compare(
     except ConnectionError as exc:
         raise CliError(f"tracking server {uri}: {exc}") from None
     print(runs_table(runs, _csv(metrics), _csv(show_params)))
+
+
+# ------------------------------------------------------------------------- champion
+
+
+@champion_app.command("show")
+@_fail_cleanly
+def champion_show(params: ParamsOpt = Path("params.yaml"), override: OverrideOpt = None) -> None:
+    """Print the live champion's record (metrics, time, commit, carried-over gallery changes) as JSON."""
+    from visrec.serving.champion import champion_record
+
+    cfg = load_config(params, override or [])
+    root = Path(params).resolve().parent / cfg.paths.champion
+    record = champion_record(root)
+    if record is None:
+        raise CliError(f"no champion under {root} yet: run the promotion gate (`visrec champion promote`)")
+    print(json.dumps(record, indent=2, ensure_ascii=False))
+
+
+@champion_app.command("promote")
+@_fail_cleanly
+def champion_promote(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Run the promotion gate on the pipeline's latest outputs: with tracking on, on the MLflow
+    registry aliases; else on the champion's recorded metrics. Prints the decision as JSON."""
+    from visrec.orchestration import mlflow_promotion_gate, promotion_gate
+
+    repo = Path(params).resolve().parent
+    cfg = load_config(params)
+    try:
+        result = (mlflow_promotion_gate(repo, Path(params).name) if cfg.tracking.enabled
+                  else promotion_gate(repo, Path(params).name))
+    except ConnectionError as exc:
+        raise CliError(f"tracking server: {exc} (set tracking.enabled: false to use the file-based gate)") from None
+    print(json.dumps(result, indent=2, default=str))
+
+
+# ------------------------------------------------------------------------- classify
+
+
+def _info_logs() -> None:
+    """Training and evaluation report progress at INFO unless VISREC_LOG_LEVEL says otherwise."""
+    import os
+
+    if "VISREC_LOG_LEVEL" not in os.environ:
+        logging.getLogger("visrec").setLevel(logging.INFO)
+
+
+@classify_app.command("train")
+@_fail_cleanly
+def classify_train(
+    params: ParamsOpt = Path("params.yaml"),
+    override: OverrideOpt = None,
+) -> None:
+    """Train (or, with -o classify.resume=latest, continue) the classifier; prints the summary JSON."""
+    from visrec.classification.train import run_training
+
+    cfg = _config(params, override)
+    _info_logs()
+    summary = run_training(cfg.classify)
+    print(json.dumps({"run": cfg.classify.out, **summary}))
+
+
+@classify_app.command("eval")
+@_fail_cleanly
+def classify_eval(
+    exported: Annotated[bool, typer.Option("--exported", help="evaluate the exported model (classify.export)")] = False,
+    params: ParamsOpt = Path("params.yaml"),
+    override: OverrideOpt = None,
+) -> None:
+    """Top-1 / top-5 on the validation split, per-class accuracy CSV and confusion matrix PNG."""
+    from visrec.classification.evaluate import evaluate_classifier
+
+    cfg = _config(params, override)
+    _info_logs()
+    print(json.dumps(evaluate_classifier(cfg.classify, exported=exported), ensure_ascii=False))
+
+
+@classify_app.command("export")
+@_fail_cleanly
+def classify_export(
+    params: ParamsOpt = Path("params.yaml"),
+    override: OverrideOpt = None,
+) -> None:
+    """Export the trained classifier (Paddle inference files, ONNX, model.json with the class map)."""
+    from visrec.classification.predict import export_run
+
+    cfg = _config(params, override)
+    c = cfg.classify
+    meta = export_run(c.out, c.export, c.checkpoint, onnx=c.onnx)
+    print(json.dumps({"export": c.export, "fingerprint": meta["fingerprint"], "num_classes": meta["num_classes"],
+                      "files": meta["files"]}))
+
+
+@classify_app.command("predict")
+@_fail_cleanly
+def classify_predict(
+    path: Annotated[Path, typer.Argument(help="an image, or a folder searched recursively")],
+    top_k: Annotated[int | None, typer.Option("--top-k", help="classes per image (default: classify.top_k)")] = None,
+    exported: Annotated[bool, typer.Option(
+        "--exported", help="use the exported model (classify.export) instead of the checkpoint")] = False,
+    params: ParamsOpt = Path("params.yaml"),
+    override: OverrideOpt = None,
+) -> None:
+    """Top-k class ids, names and scores: one JSON line per image."""
+    from visrec.classification.predict import ClassifierPredictor
+
+    images = _images_in(path)
+    cfg = _config(params, override)
+    c = cfg.classify
+    k = c.top_k if top_k is None else top_k
+    if k < 1:
+        raise CliError(f"--top-k must be >= 1, got {k}")
+    if exported:
+        predictor = ClassifierPredictor.from_export(c.export, c.backend, c.num_threads)
+    else:
+        predictor = ClassifierPredictor.from_run(c.out, c.checkpoint)
+    failures = 0
+    for result in predictor.predict_files(images, k):
+        if "error" in result:
+            if len(images) == 1:
+                raise CliError(result["error"])
+            failures += 1  # one bad file in a folder does not stop the others
+        print(json.dumps(result, ensure_ascii=False), flush=True)
+    if failures:
+        raise CliError(f"{failures} of {len(images)} image(s) could not be read (see their JSON lines)")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -39,6 +39,7 @@ class PathsConfig:
     export: str = "data/export"  # exported models: extractor/, detector/
     evaluate: str = "data/evaluate"
     index: str = "data/index"  # build_index's lists: gallery_list.txt, queries.jsonl, calibration.json
+    champion: str = "data/champion"  # the promoted models + gallery, published by the promotion gate
 
 
 @dataclass
@@ -149,7 +150,7 @@ class ExtractorConfig:
     """The recognition model (Backbone + Neck + Head, each built by name) and its training."""
 
     backbone: dict[str, Any] = field(default_factory=lambda: {"name": "mobilenet_v1", "scale": 0.5})
-    neck: dict[str, Any] = field(default_factory=lambda: {"name": "FCNeck", "embedding_size": 512})
+    neck: dict[str, Any] | None = field(default_factory=lambda: {"name": "FCNeck", "embedding_size": 512})  # null: pooled backbone features
     head: dict[str, Any] | None = field(
         default_factory=lambda: {"name": "ArcMarginHead", "margin": 0.2, "scale": 30.0})
     losses: list[dict[str, Any]] = field(default_factory=lambda: [
@@ -160,6 +161,10 @@ class ExtractorConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    # Fine-tuning a pretrained backbone: freeze its first N units (layers in forward order;
+    # "all" for every one) and/or keep every BN at its running statistics.
+    frozen_units: int | Literal["all"] = 0
+    freeze_bn: bool = False
     epochs: int = 10
     eval_every: int = 2
     # Evaluate the starting weights first: with a pretrained backbone the zero-shot model then
@@ -309,6 +314,14 @@ class ServeConfig:
     # /embed through BentoML's adaptive batcher (VISREC_ADAPTIVE_BATCHING overrides). Off: measured
     # here it cut /embed throughput 3x (MobileNet, 64 px) to 16x (EfficientNet-Lite0, 224 px).
     adaptive_batching: bool = False
+    max_batch_size: int = 32  # adaptive batching: most images per extractor call
+    max_batch_latency_ms: int = 1000  # adaptive batching: a request waiting longer is refused (503)
+    # Serve the promoted champion (paths.champion) when there is one; false, or none promoted
+    # yet: the pipeline's latest outputs named in `recognition`.
+    champion: bool = True
+    # Images added through /gallery/add are kept here (content-addressed), so a new champion's
+    # extractor can re-embed them when it replaces the old one.
+    upload_dir: str = "data/gallery_uploads"
 
 
 @dataclass
@@ -320,6 +333,60 @@ class TrackingConfig:
     artifact_root: str = "mlartifacts"  # artifact location of a newly created experiment in a local store
     experiment: str = "visrec"
     required: bool = False  # false: a tracking failure is a warning; true: it fails the stage
+
+
+@dataclass
+class ClassifyDataConfig:
+    """Where the classifier's images and labels come from, and how train / val are split."""
+
+    # cub: a CUB_200_2011 folder (class = label, its own train_test_split.txt is the split);
+    # folder: one sub-folder per class (the folder name is the class name);
+    # list: `relative/path label` lines, paths relative to `root`.
+    type: Literal["cub", "folder", "list"] = "cub"
+    root: str = "data/raw/CUB_200_2011"
+    train_list: str | None = None  # type list: the training list file
+    val_list: str | None = None  # type list: a separate validation list; null: hold out val_fraction
+    delimiter: str | None = None  # list files: null splits at the last run of whitespace
+    val_fraction: float = 0.2  # folder / list without val_list: share of each class held out
+    split_seed: int = 0  # which images the val_fraction hold-out picks
+
+
+@dataclass
+class ClassifyConfig:
+    """Image classification (`visrec classify ...`): a registry backbone + FC head on the shared engine."""
+
+    data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
+    backbone: dict[str, Any] = field(default_factory=lambda: {"name": "efficientnet_lite0", "pretrained": "imagenet"})
+    dropout: float = 0.2  # before the FC head
+    frozen_units: int | Literal["all"] = 0  # first N backbone units keep their (pretrained) weights
+    freeze_bn: bool = False  # every backbone BN at its running statistics
+    label_smoothing: float = 0.1
+    # mixup / cutmix on training batches (0 = off); with both on, each mixed batch picks one.
+    # With either on, training top-1/top-5 are not logged (mixed targets have no single label).
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0  # share of batches mixed
+    image: ImageConfig = field(default_factory=lambda: ImageConfig(size=224, crop_to_bbox=False))
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(
+        rotate_degrees=0.0, color_jitter=0.2, erase_prob=0.0))
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(
+        lr=0.02, weight_decay=1e-4, backbone_lr_mult=0.5))
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    epochs: int = 10
+    eval_every: int = 1
+    keep_last: int = 2
+    resume: str | None = None  # a checkpoint dir, or "latest" (the unfinished run in <out>.run/)
+    pretrained: str | None = None  # weights for the whole classifier (a .pdparams)
+    amp: bool = False
+    seed: int = 0
+    out: str = "data/classify"  # the finished training run; evaluation writes to <out>/eval/
+    checkpoint: Literal["best_model", "latest"] = "best_model"  # what eval / export / predict load
+    export: str = "data/export/classifier"
+    onnx: bool = True
+    backend: Literal["paddle", "onnx"] = "paddle"  # for the exported model
+    top_k: int = 5
+    num_threads: int = 2
 
 
 @dataclass
@@ -337,6 +404,7 @@ class Config:
     recognition: RecognitionConfig = field(default_factory=RecognitionConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

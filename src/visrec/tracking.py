@@ -227,6 +227,27 @@ def _parent_run(client, experiment_id: str, pipeline_id: str, tags: dict[str, st
     return run.info.run_id
 
 
+def create_pipeline_run(config: Config, name: str, repo: str | Path) -> str:
+    """A new parent run for one orchestrated pipeline execution (e.g. an Airflow DAG run); pass
+    its id to the stages in env ``VISREC_PIPELINE_RUN``. Store: env, ``tracking.uri``, else the
+    repo's ``mlruns.db``."""
+    repo = Path(repo).resolve()
+    cfg = config.tracking
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri or f"sqlite:///{repo / 'mlruns.db'}"
+    probe(uri)
+    client = client_for(uri)
+    artifact_root = Path(cfg.artifact_root)
+    experiment_id = get_or_create_experiment(client, cfg.experiment, uri,
+                                             str(artifact_root if artifact_root.is_absolute() else repo / artifact_root))
+    commit, dirty = git_info(repo)
+    phash = params_hash(config)
+    run = client.create_run(experiment_id, run_name=name, tags={
+        "visrec.git_commit": commit, "visrec.git_dirty": dirty, "visrec.params_hash": phash,
+        "visrec.pipeline_id": f"{commit[:8]}-{phash}", "mlflow.source.git.commit": commit,
+        "visrec.role": "pipeline", "visrec.stage": "pipeline"})
+    return run.info.run_id
+
+
 def log_stage_run(config: Config, stage: str, start_s: float, ok: bool, uri: str) -> str:
     """Log one finished stage run (nested under its pipeline's parent); returns its run id."""
     from mlflow.entities import Metric, Param, RunTag

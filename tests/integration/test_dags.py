@@ -61,10 +61,12 @@ print("RESULT" + json.dumps(out))
     retrain = out["dags"]["visrec_retrain"]
     assert retrain["schedule"] == "@daily" and retrain["catchup"] is False  # from VISREC_RETRAIN_SCHEDULE
     ups = {task: info["up"] for task, info in retrain["tasks"].items()}
-    assert ups == {
+    stage_ups = {
         "download": [], "split": ["download"], "validate": ["split"],
         "train_extractor": ["validate"], "train_detector": ["validate"],
-        "export": ["train_detector", "train_extractor"], "build_index": ["export"], "evaluate": ["build_index"],
+        "export": ["train_detector", "train_extractor"], "build_index": ["export"], "evaluate": ["build_index"]}
+    assert ups == {  # every stage also takes the MLflow parent run id from start_tracking
+        "start_tracking": [], **{k: sorted([*v, "start_tracking"]) for k, v in stage_ups.items()},
         "promotion_gate": ["evaluate"], "notify_service": ["promotion_gate"],
     }
     for stage in ("download", "split", "validate", "train_extractor", "train_detector", "export", "build_index",
@@ -175,10 +177,11 @@ def test_retrain_dag_runs_end_to_end_then_is_idempotent(airflow_env, tmp_path_fa
 
     log = run_dag()
     assert ran_stages("\n".join(line.split("] ", 1)[-1].lstrip() for line in log.splitlines())) == ALL_STAGES
-    champion_file = repo / "data/champion/metrics.json"
+    champion_file = repo / "data/champion/current/champion.json"
     champion = json.loads(champion_file.read_text())
     assert {"recall@1", "det_AP50", "promoted_at", "git_commit"} <= set(champion)
-    assert (repo / "data/champion/export/extractor/model.json").exists()
+    assert (repo / "data/champion/current/export/extractor/model.json").exists()
+    assert (repo / "data/champion/current/gallery/current").is_symlink()  # the candidate's gallery, published
     assert "PROMOTED (no champion yet)" in log
     assert "no running service at" in log  # promoted -> the notify task ran (and skipped: no service)
 

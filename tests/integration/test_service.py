@@ -266,12 +266,11 @@ def test_fifty_concurrent_requests_all_succeed(server, gallery_images):
     assert statuses == [200] * 50
     if not server.batching:
         return  # /embed called the extractor directly: nothing was batched
-    # /embed goes through the batchable /embed_batch: concurrent calls were grouped
+    # /embed's adaptive batcher grouped concurrent calls: images embedded > extractor calls
     metrics = requests.get(f"{server}/metrics", timeout=10).text
     sums = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-            if line.startswith(("bentoml_service_adaptive_batch_size_sum", "bentoml_service_adaptive_batch_size_count"))
-            and 'method_name="embed_batch"' in line]
-    assert len(sums) == 2 and sums[0] > sums[1], sums  # images embedded > batches run
+            if line.startswith(("visrec_embed_batch_size_sum", "visrec_embed_batch_size_count"))]
+    assert len(sums) == 2 and sums[0] > sums[1], (sums, [m for m in metrics.splitlines() if "visrec" in m])
 
 
 def test_gallery_changed_on_disk_is_served_without_restart(server, gallery_images):
@@ -313,3 +312,50 @@ def test_add_several_images_with_one_label_each(server, gallery_images):
                              timeout=60).json()["removed"] == 1
     info = requests.get(f"{server}/gallery/info", timeout=10).json()
     assert info["labels"] == len(gallery_images) - 1  # back to the initial classes
+
+
+def test_a_promoted_champion_is_served_without_restart(server, gallery_images, exported_models):
+    """The promotion gate publishes a champion: the running service switches to it on the next
+    request (notify confirms it), API additions are stored and survive the next promotion, and
+    withdrawing the champion brings back the pipeline's latest export."""
+    import shutil
+
+    from visrec.inference.extractor import Extractor
+    from visrec.inference.gallery_ops import GalleryItem, build_gallery
+    from visrec.orchestration import notify_service_reload
+    from visrec.serving.champion import publish_champion
+
+    base = server.params.parent  # relative paths of the server's params resolve here
+    export = base / "candidate_export"
+    for kind, src in zip(("extractor", "detector"), exported_models, strict=True):
+        shutil.copytree(src, export / kind, dirs_exist_ok=True)
+    labels = list(gallery_images)[:2]
+    candidate = base / "candidate_gallery"
+    shutil.rmtree(candidate, ignore_errors=True)
+    build_gallery(Extractor(export / "extractor"), [GalleryItem(gallery_images[x][0], f"champion {x}") for x in labels],
+                  "FLAT", progress=False).save(candidate)
+    champion_root = base / "data" / "champion"
+    before = requests.get(f"{server}/gallery/info", timeout=10).json()
+    try:
+        name = publish_champion(export, candidate, champion_root, {"recall@1": 1.0})
+        info = requests.get(f"{server}/gallery/info", timeout=10).json()
+        assert info["champion"] == name and info["count"] == 2, info
+        assert notify_service_reload(str(server), expected_champion=name).startswith(
+            f"service at {server} serves champion {name}")
+        best = hits(recognize(server, gallery_images[labels[0]][0].read_bytes(), top_k=5,
+                              return_topk=True).json()["results"])
+        assert set(best) == {f"champion {x}" for x in labels}
+
+        resp = requests.post(f"{server}/gallery/add", headers=AUTH, data={"label": "added to champion"},
+                             files={"images": ("a.jpg", gallery_images[labels[1]][1].read_bytes())}, timeout=60)
+        assert resp.status_code == 200 and resp.json()["count"] == 3, resp.text
+        assert len(list((base / "data" / "gallery_uploads").iterdir())) >= 1  # kept for re-embedding
+
+        second = publish_champion(export, candidate, champion_root, {"recall@1": 1.0})
+        info = requests.get(f"{server}/gallery/info", timeout=10).json()
+        assert info["champion"] == second and info["count"] == 3  # the addition was carried over
+        assert "NOT the new champion" in notify_service_reload(str(server), expected_champion="c999999-x")
+    finally:
+        shutil.rmtree(champion_root, ignore_errors=True)
+    info = requests.get(f"{server}/gallery/info", timeout=10).json()
+    assert info["champion"] is None and info["count"] == before["count"]

@@ -115,7 +115,68 @@ def crop_box(img: np.ndarray, box_xywh: Sequence[float], pad: float = 0.0) -> np
     return img[y1:y2, x1:x2].copy()
 
 
-class RetrievalDataset(paddle.io.Dataset):
+class CachedImageDataset(paddle.io.Dataset):
+    """Shared plumbing of the image datasets: optional decode-once cache, per-sample seeding.
+
+    Sample ``i`` of epoch ``e`` is transformed with ``default_rng([seed, e, i])``, so an
+    epoch's randomness depends only on its number (exact resume). Subclasses implement
+    ``__len__`` and ``_decode(index)`` (the image before the transform: HWC uint8 RGB).
+    """
+
+    cache_name = "images"  # in the caching progress bar and log line
+
+    def __init__(self, transform: Callable[[np.ndarray, np.random.Generator], np.ndarray],
+                 cache_images: bool = False, cache_size: int | None = None, seed: int = 0) -> None:
+        super().__init__()
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        if cache_size is not None and cache_size < 1:
+            raise ValueError(f"cache_size must be a positive pixel count or None, got {cache_size}")
+        self.transform = transform
+        self.cache_images = cache_images
+        self.cache_size = cache_size
+        self.seed = seed
+        self.epoch = 0
+        self._cache: list[np.ndarray] | None = None
+
+    def _decode(self, index: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def source_image(self, index: int) -> np.ndarray:
+        """The decoded (and box-cropped) image before the transform: HWC uint8 RGB."""
+        if self.cache_images:
+            self.preload()
+            assert self._cache is not None
+            return self._cache[index]
+        return self._decode(index)
+
+    def preload(self) -> None:
+        """Fill the image cache (no-op when caching is off or already done)."""
+        if not self.cache_images or self._cache is not None:
+            return
+        cache = []
+        for i in tqdm(range(len(self)), desc=f"caching {self.cache_name}", unit="img", disable=len(self) < 500):
+            img = self._decode(i)
+            if self.cache_size is not None:
+                img = cv2.resize(img, (self.cache_size, self.cache_size), interpolation=cv2.INTER_LINEAR)
+            img.setflags(write=False)  # a transform writing in place would corrupt later epochs
+            cache.append(img)
+        self._cache = cache
+        logger.info("cached %d images of %s: %.1f MB", len(cache), self.cache_name,
+                    sum(im.nbytes for im in cache) / 2**20)
+
+    def transformed(self, index: int) -> np.ndarray:
+        """Sample ``index`` of the current epoch, transformed."""
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} images")
+        return self.transform(self.source_image(index), np.random.default_rng([self.seed, self.epoch, index]))
+
+
+class RetrievalDataset(CachedImageDataset):
     """Images of a list file as ``(CHW float32, dense label int64, unique id int64)``.
 
     Labels are re-indexed densely: ``classes`` holds the sorted CUB class ids and
@@ -147,25 +208,17 @@ class RetrievalDataset(paddle.io.Dataset):
         cache_size: int | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
+        super().__init__(transform, cache_images, cache_size, seed)
         if bbox_pad < 0:
             raise ValueError(f"bbox_pad must be >= 0 (a fraction of the box size), got {bbox_pad}")
-        if cache_size is not None and cache_size < 1:
-            raise ValueError(f"cache_size must be a positive pixel count or None, got {cache_size}")
         self.root = resolve_root(root)
         self.list_file = Path(list_file)
+        self.cache_name = self.list_file.name
         self.entries = read_list(self.list_file)
         if not self.entries:
             raise ListFileError(f"list file {self.list_file} holds no images")
-        self.transform = transform
         self.crop_to_bbox = crop_to_bbox
         self.bbox_pad = bbox_pad
-        self.cache_images = cache_images
-        self.cache_size = cache_size
-        self.seed = seed
-        self.epoch = 0
 
         self.classes: list[int] = sorted({e.label for e in self.entries})
         self.label_to_index: dict[int, int] = {c: i for i, c in enumerate(self.classes)}
@@ -181,7 +234,6 @@ class RetrievalDataset(paddle.io.Dataset):
                 raise ValueError(f"crop_to_bbox: {len(missing)} image id(s) of {self.list_file} have no box, "
                                  f"e.g. {missing[:5]}: pass boxes for every unique id or crop_to_bbox=False")
             self.boxes = {e.unique_id: tuple(boxes[e.unique_id]) for e in self.entries}
-        self._cache: list[np.ndarray] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -190,19 +242,8 @@ class RetrievalDataset(paddle.io.Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
     def image_path(self, index: int) -> Path:
         return self.root / self.entries[index].path
-
-    def source_image(self, index: int) -> np.ndarray:
-        """The decoded (and box-cropped) image before the transform: HWC uint8 RGB."""
-        if self.cache_images:
-            self.preload()
-            assert self._cache is not None
-            return self._cache[index]
-        return self._decode(index)
 
     def _decode(self, index: int) -> np.ndarray:
         img = load_image(self.image_path(index))
@@ -210,29 +251,9 @@ class RetrievalDataset(paddle.io.Dataset):
             img = crop_box(img, self.boxes[self.entries[index].unique_id], self.bbox_pad)
         return img
 
-    def preload(self) -> None:
-        """Fill the image cache (no-op when caching is off or already done)."""
-        if not self.cache_images or self._cache is not None:
-            return
-        cache = []
-        for i in tqdm(range(len(self)), desc=f"caching {self.list_file.name}", unit="img",
-                      disable=len(self) < 500):
-            img = self._decode(i)
-            if self.cache_size is not None:
-                img = cv2.resize(img, (self.cache_size, self.cache_size), interpolation=cv2.INTER_LINEAR)
-            img.setflags(write=False)  # a transform writing in place would corrupt later epochs
-            cache.append(img)
-        self._cache = cache
-        logger.info("cached %d images of %s: %.1f MB", len(cache), self.list_file,
-                    sum(im.nbytes for im in cache) / 2**20)
-
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.int64, np.int64]:
-        index = int(index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for a dataset of {len(self)} images")
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        image = self.transform(self.source_image(index), rng)
-        return image, self.labels[index], self.unique_ids[index]
+        image = self.transformed(index)
+        return image, self.labels[int(index)], self.unique_ids[int(index)]
 
 
 def make_loader(

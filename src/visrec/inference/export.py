@@ -100,19 +100,23 @@ def export_layer(layer: nn.Layer, out_dir: str | Path, input_shape: list[int | N
     return meta
 
 
+def input_meta(image: dict[str, Any]) -> dict[str, Any]:
+    """What a predictor needs to feed an image model: input size, normalisation, box cropping."""
+    size = int(image["size"])
+    return {"input_size": [size, size], "mean": image["mean"], "std": image["std"], "scale": image["scale"],
+            "crop_to_bbox": image.get("crop_to_bbox", False), "bbox_pad": image.get("bbox_pad", 0.0)}
+
+
 def export_extractor(model: nn.Layer, model_config: dict[str, Any], out_dir: str | Path,
                      onnx: bool = True) -> dict[str, Any]:
     """Export a RecModel's embedding (re-parameterised for inference when it can be)."""
     model.eval()
     if hasattr(model, "rep"):
         model.rep()
-    image = model_config["image"]
-    size = int(image["size"])
+    size = int(model_config["image"]["size"])
     meta = {
         "kind": "extractor",
-        "input_size": [size, size],
-        "mean": image["mean"], "std": image["std"], "scale": image["scale"],
-        "crop_to_bbox": image.get("crop_to_bbox", False), "bbox_pad": image.get("bbox_pad", 0.0),
+        **input_meta(model_config["image"]),
         "embedding_dim": int(model.embedding_size),
         "output": "L2-normalised embedding [N, D]",
         "backbone": model_config["backbone"], "neck": model_config["neck"],

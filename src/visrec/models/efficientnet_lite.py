@@ -182,7 +182,7 @@ class EfficientNetLite0(StagedBackbone):
         return nn.functional.relu6(self._bn1(self._conv_head(self.forward_features(x))))
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return paddle.flatten(nn.functional.adaptive_avg_pool2d(self.forward_head(x), 1), 1)
+        return self.pool(self.forward_head(x))
 
 
 class EfficientNetLite0Classifier(EfficientNetLite0):

@@ -15,13 +15,14 @@ from paddle import nn
 from paddle.nn import functional as F
 
 from visrec.models.backbones import build_backbone
+from visrec.models.freezing import BackboneFreezing
 from visrec.models.heads import create_head
 from visrec.models.necks import create_neck
 
 logger = logging.getLogger(__name__)
 
 
-class RecModel(nn.Layer):
+class RecModel(BackboneFreezing, nn.Layer):
     def __init__(self, backbone: nn.Layer, neck: nn.Layer, head: nn.Layer | None = None):
         super().__init__()
         self.backbone = backbone

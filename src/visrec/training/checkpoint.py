@@ -121,3 +121,25 @@ def load_finished_run(run_dir: str | Path, checkpoint: str, stage: str,
     load_checkpoint(ckpt, model)
     model.eval()
     return model, model_cfg
+
+
+def prepare_work_dir(out_dir: str | Path, resume: str | None, section: str,
+                     main: bool = True) -> tuple[Path, str | None]:
+    """Where a run trains (``<out_dir>.run/``, promoted to ``out_dir`` when it completes) and
+    what it resumes from.
+
+    ``resume: latest`` continues the unfinished run there (an error naming the fix if there is
+    none); no ``resume`` starts afresh, deleting a stale work directory (only on the main
+    process); any other value is a checkpoint path, passed on as is.
+    """
+    out_dir = Path(out_dir)
+    work_dir = out_dir.with_name(out_dir.name + ".run")
+    if resume == "latest":
+        latest = work_dir / "checkpoints" / "latest"
+        if not latest.exists():
+            raise FileNotFoundError(f"{section}.resume=latest but {latest} does not exist: no unfinished run "
+                                    f"to continue (set {section}.resume: null to start afresh)")
+        return work_dir, str(latest)
+    if resume is None and work_dir.exists() and main:
+        shutil.rmtree(work_dir)  # a fresh run: stale checkpoints of another run would mislead
+    return work_dir, resume

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -34,7 +33,7 @@ from visrec.metrics.detection import DETECTION_KEYS, coco_detection_metrics
 from visrec.models.backbones import backbone_normalization, load_pretrained
 from visrec.models.detector import DetectionLoss, MainbodyDetector, build_detector, check_input_size
 from visrec.models.extractor import param_groups
-from visrec.training.checkpoint import load_checkpoint, load_finished_run
+from visrec.training.checkpoint import load_checkpoint, load_finished_run, prepare_work_dir
 from visrec.training.engine import EngineConfig, Trainer, TrainerState
 from visrec.training.optim import build_optimizer, build_scheduler
 from visrec.utils.fs import replace_dir, write_json
@@ -226,15 +225,8 @@ def run_training(cfg: DetectorConfig, raw_root: Path, split_dir: Path, out_dir: 
     checkpoints in the work directory for ``resume: latest``.
     """
     raw_root, split_dir, out_dir, metrics_file = Path(raw_root), Path(split_dir), Path(out_dir), Path(metrics_file)
-    work_dir = out_dir.with_name(out_dir.name + ".run")
-    if cfg.resume == "latest":
-        latest = work_dir / "checkpoints" / "latest"
-        if not latest.exists():
-            raise FileNotFoundError(f"detector.resume=latest but {latest} does not exist: no unfinished run "
-                                    "to continue (set detector.resume: null to start afresh)")
-        cfg = dataclasses.replace(cfg, resume=str(latest))
-    elif cfg.resume is None and work_dir.exists():
-        shutil.rmtree(work_dir)  # a fresh run: stale checkpoints of another run would mislead
+    work_dir, resume = prepare_work_dir(out_dir, cfg.resume, "detector")
+    cfg = dataclasses.replace(cfg, resume=resume)
     start = time.perf_counter()
     model, state, stats = train_detector(cfg, raw_root, split_dir, work_dir)
     train_minutes = (time.perf_counter() - start) / 60

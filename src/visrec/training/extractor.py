@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,7 +27,9 @@ from visrec.inference.embedding import dygraph_embed_fn, embed_dataset
 from visrec.metrics.retrieval import retrieval_metrics
 from visrec.models.backbones import backbone_normalization, load_pretrained
 from visrec.models.extractor import RecModel, build_rec_model, param_groups
+from visrec.models.freezing import freeze_pretrained
 from visrec.models.losses import CombinedLoss, build_loss
+from visrec.training.checkpoint import prepare_work_dir
 from visrec.training.engine import EngineConfig, Trainer, TrainerState, is_main_process
 from visrec.training.optim import build_optimizer, build_scheduler
 from visrec.utils.fs import replace_dir, write_json
@@ -75,6 +76,7 @@ def build_model(cfg: ExtractorConfig, class_num: int) -> RecModel:
     if cfg.pretrained:
         missing, unexpected = load_pretrained(model, cfg.pretrained)
         logger.info("loaded %s (%d missing, %d unexpected keys)", cfg.pretrained, len(missing), len(unexpected))
+    freeze_pretrained(model, cfg, "extractor")
     return model
 
 
@@ -153,12 +155,9 @@ def run_training(cfg: ExtractorConfig, raw_root: Path, split_dir: Path, out_dir:
     A failed or killed run therefore leaves the last good ``out_dir`` in place, and its
     own checkpoints in the work directory for ``resume: latest``.
     """
-    work_dir = out_dir.with_name(out_dir.name + ".run")
     main = is_main_process()  # under paddle.distributed.launch only rank 0 touches files
-    if cfg.resume == "latest":
-        cfg = dataclasses.replace(cfg, resume=str(work_dir / "checkpoints" / "latest"))
-    elif cfg.resume is None and work_dir.exists() and main:
-        shutil.rmtree(work_dir)  # a fresh run: stale checkpoints of another run would mislead
+    work_dir, resume = prepare_work_dir(out_dir, cfg.resume, "extractor", main)
+    cfg = dataclasses.replace(cfg, resume=resume)
     start = time.perf_counter()
     _, state = train_extractor(cfg, raw_root, split_dir, work_dir)
     summary = {"best_recall@1": state.best_metric, "best_epoch": state.best_epoch, "epochs": state.epoch,
