@@ -8,9 +8,10 @@ mAP, MAP@R, training time and images/s for each model:
     .venv/bin/python bench/bench_real_data.py /data/CUB_200_2011 --train-classes 100 --epochs 0   # zero-shot only
     .venv/bin/python bench/bench_real_data.py DIR -o extractor.image.size=160 -o extractor.epochs=4
 
-The zero-shot model is the pretrained backbone's pooled features (no neck, no training). The
-fine-tuned one uses the `extractor` params with `eval_before_training` on, so its best model
-is never worse than its (FC-neck) starting point.
+The zero-shot model is the pretrained backbone's pooled features (no neck, no training) with the
+recipe's pooling. The fine-tuned one uses the `extractor` params with `eval_before_training` on,
+so its best model is never worse than its starting point, which (neck null) is that same
+zero-shot model.
 """
 
 from __future__ import annotations
@@ -34,11 +35,15 @@ from visrec.utils.logs import setup_logging
 
 KEYS = ("recall@1", "recall@5", "mAP", "MAP@R")
 PRETRAINED_DEFAULTS = [  # a fine-tuning recipe for the pretrained backbone; -o overrides any of it
-    'extractor.backbone={"name": "efficientnet_lite0", "pretrained": "imagenet"}',
-    'extractor.neck={"name": "FCNeck", "embedding_size": 512}',
-    "extractor.image.size=224", "extractor.epochs=3", "extractor.eval_every=1",
-    "extractor.eval_before_training=true", "extractor.optimizer.lr=0.01",
-    "extractor.optimizer.backbone_lr_mult=0.1", "extractor.optimizer.warmup_epochs=0.5",
+    # GeM pooling (p = 2, learnable): zero-shot recall@1 0.755 here vs 0.727 with average pooling.
+    'extractor.backbone={"name": "efficientnet_lite0", "pretrained": "imagenet", "pool": "gem", "gem_p": 2.0}',
+    "extractor.neck=null",  # the pooled 1280-d features are the embedding: epoch 0 is the true zero-shot model
+    'extractor.head={"name": "CosMarginHead", "margin": 0.1, "scale": 30.0}',
+    "extractor.frozen_units=12", "extractor.freeze_bn=true",  # stem + blocks 0-9 fixed, BN at ImageNet stats
+    "extractor.image.size=224", "extractor.epochs=5", "extractor.eval_every=1",
+    "extractor.eval_before_training=true", "extractor.optimizer.name=adamw", "extractor.optimizer.lr=0.001",
+    "extractor.optimizer.backbone_lr_mult=0.3", "extractor.optimizer.weight_decay=0.0001",
+    "extractor.optimizer.warmup_epochs=0.5",
     "extractor.sampler.classes_per_batch=8", "extractor.sampler.images_per_class=4",
     "extractor.augment.rotate_degrees=0.0", "extractor.augment.erase_prob=0.0",
     "extractor.image.bbox_pad=0.0",  # tight box crops: 72.7 zero-shot recall@1 vs 70.7 with 5% padding
@@ -79,9 +84,14 @@ def main() -> None:
 
     zero_cfg = model_config(ext, class_num=cfg.split.train_classes)
     zero_cfg = {**zero_cfg, "neck": None, "head": None}
-    zero = build_rec_model(zero_cfg["backbone"], None, None, zero_cfg["class_num"])
-    export_extractor(zero, zero_cfg, work / "export_zero_shot", onnx=False)
-    evaluate("zero-shot", work / "export_zero_shot", zero_cfg, 0.0, None)
+    variants = [("zero-shot", zero_cfg)]
+    if ext.backbone.get("pool", "avg") != "avg":  # also the plain average-pooled features, for reference
+        plain = {k: v for k, v in ext.backbone.items() if k not in ("pool", "gem_p", "gem_learnable")}
+        variants.insert(0, ("zero-shot (average pooling)", {**zero_cfg, "backbone": plain}))
+    for name, variant in variants:
+        zero = build_rec_model(variant["backbone"], None, None, variant["class_num"])
+        export_extractor(zero, variant, work / f"export_{name.split()[0]}_{len(name)}", onnx=False)
+        evaluate(name, work / f"export_{name.split()[0]}_{len(name)}", variant, 0.0, None)
 
     if args.epochs != 0:
         start = time.perf_counter()

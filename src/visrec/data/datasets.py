@@ -123,7 +123,7 @@ class CachedImageDataset(paddle.io.Dataset):
     ``__len__`` and ``_decode(index)`` (the image before the transform: HWC uint8 RGB).
     """
 
-    cache_name = "images"  # in the caching progress bar and log line
+    cache_name = "the dataset"  # in the caching progress bar and log line
 
     def __init__(self, transform: Callable[[np.ndarray, np.random.Generator], np.ndarray],
                  cache_images: bool = False, cache_size: int | None = None, seed: int = 0) -> None:
