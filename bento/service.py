@@ -68,6 +68,7 @@ PARAMS_ENV = "VISREC_PARAMS"
 MAX_UPLOAD_ENV = "VISREC_MAX_UPLOAD_MB"
 MAX_PIXELS_ENV = "VISREC_MAX_PIXELS"
 ADMIN_TOKEN_ENV = "VISREC_ADMIN_TOKEN"
+WORKERS_ENV = "VISREC_WORKERS"
 BATCHING_ENV = "VISREC_ADAPTIVE_BATCHING"  # 0/false: /embed calls the extractor one request at a time
 MAX_TOP_K = 100
 MAX_FILES_PER_ADD = 16
@@ -104,8 +105,17 @@ def _env_number(name: str, default: float) -> float:
     return value
 
 
+def _workers() -> int:
+    """Worker processes (VISREC_WORKERS, default 1): each loads its own models and follows the same
+    champion and gallery on disk. Read at import: BentoML fixes the worker count when it starts."""
+    workers = int(_env_number(WORKERS_ENV, 1))
+    if workers < 1 or workers != _env_number(WORKERS_ENV, 1):
+        raise ValueError(f"{WORKERS_ENV} must be a positive integer, got {os.environ.get(WORKERS_ENV)!r}")
+    return workers
+
+
 @bentoml.asgi_app(info_app, path="/gallery")
-@bentoml.service(name="visrec", traffic={"timeout": 120})
+@bentoml.service(name="visrec", traffic={"timeout": 120}, workers=_workers())
 class VisrecRecognition:
     def __init__(self) -> None:
         params = os.environ.get(PARAMS_ENV, "params.yaml")
@@ -285,7 +295,7 @@ class VisrecRecognition:
         system, gallery = self.live.refresh()
         info = json.loads(json.dumps(gallery.info(), default=str))
         info.update({"version_dir": self.live.version, "extractor_fingerprint": system.extractor.fingerprint,
-                     "champion": self.live.champion})
+                     "champion": self.live.champion, "worker_pid": os.getpid()})
         return info
 
 

@@ -216,18 +216,18 @@ def validate_gallery_images(items: Sequence[Any], min_width: int, min_height: in
     """Problems with new gallery images (empty list: all good).
 
     The checks of the validate stage's ``file_decodes`` and ``min_size`` rules, on the same
-    probe (:func:`visrec.data.validation._probe_image`: exists, full decode, size), plus a
+    probe (:func:`visrec.data.validation.probe_image`: exists, full decode, size), plus a
     non-empty label. Done directly, not through a Great Expectations suite (GX takes ~10 s to
     import for a handful of images).
     """
-    from visrec.data.validation import _probe_image
+    from visrec.data.validation import probe_image
 
     problems = []
     for item in items:
         path, label = Path(item.path), item.label
         if not isinstance(label, str) or not label.strip():
             problems.append(f"{path}: empty label")
-        probe = _probe_image(path)
+        probe = probe_image(path)
         if not probe["exists"]:
             problems.append(f"{path}: file not found (file_decodes)")
         elif not probe["decodes"]:

@@ -85,11 +85,20 @@ def server(request, exported_models, gallery_images, tmp_path_factory):
     params.write_text(yaml.safe_dump({"recognition": {
         "extractor": str(extractor_dir), "detector": str(detector_dir), "gallery": str(tmp / "gallery"),
         "score_threshold": 0.0}}))
+    with serving(tmp, params, {"VISREC_MAX_UPLOAD_MB": "1",
+                               "VISREC_ADAPTIVE_BATCHING": request.param}) as url:  # both paths of /embed
+        served = ServerURL(url, params)
+        served.batching = request.param == "1"
+        yield served
+
+
+@contextlib.contextmanager
+def serving(tmp: Path, params: Path, extra_env: dict[str, str]):
+    """`bentoml serve` on 127.0.0.1 at a free port; yields its URL once /readyz answers, then
+    stops it (and the workers BentoML starts in a session of their own)."""
     port = free_port()
     env = {**os.environ, "VISREC_PARAMS": str(params), "VISREC_ADMIN_TOKEN": TOKEN,
-           "VISREC_MAX_UPLOAD_MB": "1",
-           "VISREC_ADAPTIVE_BATCHING": request.param,  # both paths of /embed must work
-           "BENTOML_HOME": str(tmp / "bentoml_home")}
+           "BENTOML_HOME": str(tmp / "bentoml_home"), **extra_env}
     log = open(tmp / "server.log", "wb")
     proc = subprocess.Popen([str(BENTOML), "serve", "bento.service:VisrecRecognition", "--host", "127.0.0.1",
                              "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -108,11 +117,8 @@ def server(request, exported_models, gallery_images, tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"server not ready after 90 s:\n{(tmp / 'server.log').read_text()[-4000:]}")
             time.sleep(0.5)
-        served = ServerURL(url, params)
-        served.batching = request.param == "1"
-        yield served
+        yield url
     finally:
-        # BentoML starts its worker in a session of its own: note it now, to reap it if needed.
         try:
             workers = psutil.Process(proc.pid).children(recursive=True)
         except psutil.Error:
@@ -359,3 +365,29 @@ def test_a_promoted_champion_is_served_without_restart(server, gallery_images, e
         shutil.rmtree(champion_root, ignore_errors=True)
     info = requests.get(f"{server}/gallery/info", timeout=10).json()
     assert info["champion"] is None and info["count"] == before["count"]
+
+
+def test_two_workers_serve_one_gallery(exported_models, gallery_images, tmp_path):
+    """VISREC_WORKERS=2: a change made through one worker is served by both, with no restart."""
+    from visrec.inference.extractor import Extractor
+    from visrec.inference.gallery_ops import GalleryItem, build_gallery
+
+    extractor_dir, detector_dir = exported_models
+    labels = list(gallery_images)[:2]
+    build_gallery(Extractor(extractor_dir), [GalleryItem(gallery_images[x][0], x) for x in labels], "FLAT",
+                  progress=False).save(tmp_path / "gallery")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"recognition": {
+        "extractor": str(extractor_dir), "detector": str(detector_dir), "gallery": str(tmp_path / "gallery")}}))
+    with serving(tmp_path, params, {"VISREC_WORKERS": "2"}) as url:
+        def infos(n: int = 24) -> list[dict]:
+            with ThreadPoolExecutor(8) as pool:  # concurrent, so the requests spread over both workers
+                return list(pool.map(lambda _: requests.get(f"{url}/gallery/info", timeout=30).json(), range(n)))
+
+        assert len({i["worker_pid"] for i in infos()}) == 2
+        resp = requests.post(f"{url}/gallery/add", headers=AUTH, data={"label": "from one worker"},
+                             files={"images": ("a.jpg", gallery_images[labels[0]][1].read_bytes())}, timeout=60)
+        assert resp.status_code == 200, resp.text
+        seen = infos()
+        assert len({i["worker_pid"] for i in seen}) == 2
+        assert {i["count"] for i in seen} == {3} and {i["version"] for i in seen} == {resp.json()["gallery_version"]}

@@ -97,7 +97,7 @@ def read_list(path: str | Path) -> list[tuple[str, int, int]]:
 # ----------------------------------------------------------------------------- manifest
 
 
-def _probe_image(path: Path) -> dict[str, Any]:
+def probe_image(path: Path) -> dict[str, Any]:
     """Existence, full decode, size, channels and sha1 of one file."""
     info = {"exists": path.is_file(), "decodes": False, "width": 0, "height": 0,
             "channels": 0, "content_hash": ""}
@@ -136,7 +136,7 @@ def build_manifest(raw_root: str | Path, split_dir: str | Path, num_workers: int
                for rel, label, uid in read_list(Path(split_dir) / LIST_FILES[split])]
     paths = [meta.root / rel for _, rel, _, _ in entries]
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        probes = list(tqdm(pool.map(_probe_image, paths), total=len(paths),
+        probes = list(tqdm(pool.map(probe_image, paths), total=len(paths),
                            desc="validate: reading images", unit="img"))
 
     rows = []
