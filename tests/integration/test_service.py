@@ -380,14 +380,23 @@ def test_two_workers_serve_one_gallery(exported_models, gallery_images, tmp_path
     params.write_text(yaml.safe_dump({"recognition": {
         "extractor": str(extractor_dir), "detector": str(detector_dir), "gallery": str(tmp_path / "gallery")}}))
     with serving(tmp_path, params, {"VISREC_WORKERS": "2"}) as url:
-        def infos(n: int = 24) -> list[dict]:
-            with ThreadPoolExecutor(8) as pool:  # concurrent, so the requests spread over both workers
-                return list(pool.map(lambda _: requests.get(f"{url}/gallery/info", timeout=30).json(), range(n)))
+        def answers_by_worker() -> dict[int, set]:
+            """(count, version) answered by each worker. /readyz answers once one worker is up and
+            the kernel spreads connections as it likes: ask in concurrent rounds until both answered."""
+            seen: dict[int, set] = {}
+            for _ in range(40):
+                with ThreadPoolExecutor(8) as pool:
+                    for info in pool.map(lambda _: requests.get(f"{url}/gallery/info", timeout=30).json(), range(16)):
+                        seen.setdefault(info["worker_pid"], set()).add((info["count"], info["version"]))
+                if len(seen) == 2:
+                    return seen
+                time.sleep(0.25)
+            pytest.fail(f"only worker(s) {sorted(seen)} answered")
 
-        assert len({i["worker_pid"] for i in infos()}) == 2
+        before = answers_by_worker()
+        assert {count for answers in before.values() for count, _ in answers} == {2}
         resp = requests.post(f"{url}/gallery/add", headers=AUTH, data={"label": "from one worker"},
                              files={"images": ("a.jpg", gallery_images[labels[0]][1].read_bytes())}, timeout=60)
         assert resp.status_code == 200, resp.text
-        seen = infos()
-        assert len({i["worker_pid"] for i in seen}) == 2
-        assert {i["count"] for i in seen} == {3} and {i["version"] for i in seen} == {resp.json()["gallery_version"]}
+        expected = {(3, resp.json()["gallery_version"])}
+        assert all(answers == expected for answers in answers_by_worker().values())
