@@ -200,7 +200,9 @@ class VisrecRecognition:
         """The embedding of a whole uploaded image (adaptively batched with concurrent calls)."""
         import anyio
 
-        system, _ = self.live.refresh()
+        # In a thread: after a promotion, refresh() loads the new models (seconds), which must
+        # not stall the event loop that every other request shares.
+        system, _ = await anyio.to_thread.run_sync(self.live.refresh)
         extractor = system.extractor
         try:
             array = await anyio.to_thread.run_sync(self._read_upload, image)

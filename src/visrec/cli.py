@@ -302,9 +302,10 @@ def runs_compare(
 def champion_show(params: ParamsOpt = Path("params.yaml"), override: OverrideOpt = None) -> None:
     """Print the live champion's record (metrics, time, commit, carried-over gallery changes) as JSON."""
     from visrec.serving.champion import champion_record
+    from visrec.utils.fs import resolve_under
 
     cfg = load_config(params, override or [])
-    root = Path(params).resolve().parent / cfg.paths.champion
+    root = resolve_under(cfg.paths.champion, Path(params).resolve().parent)
     record = champion_record(root)
     if record is None:
         raise CliError(f"no champion under {root} yet: run the promotion gate (`visrec champion promote`)")

@@ -27,6 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from visrec.utils.fs import resolve_under
+
 logger = logging.getLogger(__name__)
 
 CANDIDATE_FILES = {"recall@1": "evaluate.json", "det_AP50": "train_detector.json"}
@@ -110,8 +112,8 @@ def _publish(repo: Path, cfg, candidate: dict[str, Any], reason: str, gate: str)
 
     record = {**candidate, "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "git_commit": git_commit(repo), "reason": reason, "gate": gate}
-    return publish_champion(_resolve(cfg.paths.export, repo), _resolve(cfg.recognition.gallery, repo),
-                            _resolve(cfg.paths.champion, repo), record,
+    return publish_champion(resolve_under(cfg.paths.export, repo), resolve_under(cfg.recognition.gallery, repo),
+                            resolve_under(cfg.paths.champion, repo), record,
                             num_threads=cfg.recognition.num_threads, batch_size=cfg.index.batch_size)
 
 
@@ -128,8 +130,8 @@ def promotion_gate(repo: str | Path, params_path: str = "params.yaml") -> dict[s
 
     repo = Path(repo)
     cfg = _repo_config(repo, params_path)
-    candidate = candidate_metrics(_resolve(cfg.paths.metrics, repo))
-    record = champion_record(_resolve(cfg.paths.champion, repo)) or {}
+    candidate = candidate_metrics(resolve_under(cfg.paths.metrics, repo))
+    record = champion_record(resolve_under(cfg.paths.champion, repo)) or {}
     champion = {k: record[k] for k in PROMOTION_METRICS if isinstance(record.get(k), int | float)}
     if not record:
         promoted, reason = True, "no champion yet"
@@ -191,7 +193,7 @@ def mlflow_promotion_gate(repo: str | Path, params_path: str = "params.yaml") ->
     uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri or f"sqlite:///{repo / 'mlruns.db'}"
     probe(uri)
     client = client_for(uri)
-    export = _resolve(cfg.paths.export, repo)
+    export = resolve_under(cfg.paths.export, repo)
     for kind, name in MODEL_NAMES.items():  # what gets served must be what the registry judged
         version = _alias_version(client, name, CANDIDATE)
         local = read_model_json(export / kind)["fingerprint"]
@@ -246,11 +248,6 @@ def _read_items(images_dir: str | Path, label_file: str | Path, delimiter: str) 
     if not items:
         raise ValueError(f"{label_file} lists no images")
     return items
-
-
-def _resolve(path: str | Path, base: Path) -> Path:
-    path = Path(path)
-    return path if path.is_absolute() else base / path
 
 
 def check_gallery_update(images_dir: str | Path, label_file: str | Path,

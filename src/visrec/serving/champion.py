@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from visrec.config import Config, RecognitionConfig
+from visrec.utils.fs import resolve_under
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +44,6 @@ CURRENT_LINK = "current"
 RECORD_FILE = "champion.json"
 BASE_ENTRIES_FILE = "base_entries.json"
 _PREFIX = "c"
-
-
-def _resolve(path: str | Path, base: Path) -> Path:
-    path = Path(path)
-    return path if path.is_absolute() else base / path
 
 
 def current_champion(root: str | Path) -> str | None:
@@ -75,15 +71,15 @@ def served_recognition(cfg: Config, base: str | Path = ".") -> tuple[Recognition
     """
     base = Path(base)
     rec = cfg.recognition
-    root = _resolve(cfg.paths.champion, base)
+    root = resolve_under(cfg.paths.champion, base)
     name = current_champion(root) if cfg.serve.champion else None
     if name is None:
         if cfg.serve.champion:
             logger.info("no champion under %s yet (the promotion gate publishes one); serving the pipeline's "
                         "latest export", root)
         resolved = dataclasses.replace(
-            rec, extractor=str(_resolve(rec.extractor, base)), gallery=str(_resolve(rec.gallery, base)),
-            detector=str(_resolve(rec.detector, base)) if rec.detector else None)
+            rec, extractor=str(resolve_under(rec.extractor, base)), gallery=str(resolve_under(rec.gallery, base)),
+            detector=str(resolve_under(rec.detector, base)) if rec.detector else None)
         return resolved, None
     live = root / CURRENT_LINK  # through the link: a server holding these paths follows promotions
     detector = str(live / "export" / "detector") if rec.detector else None

@@ -33,6 +33,7 @@ from visrec.config import Config
 from visrec.index.gallery import Gallery, update_lock
 from visrec.inference.pipeline import RecognitionSystem
 from visrec.serving.champion import current_champion, served_recognition
+from visrec.utils.fs import resolve_under
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,15 +45,11 @@ class LiveRecognition:
     def __init__(self, config: Config, base: str | Path = ".") -> None:
         self.config = config
         self.base = Path(base)
-        self.champion_root = self._resolve(config.paths.champion)
-        self.upload_dir = self._resolve(config.serve.upload_dir)
+        self.champion_root = resolve_under(config.paths.champion, self.base)
+        self.upload_dir = resolve_under(config.serve.upload_dir, self.base)
         self.lock = threading.RLock()  # reload / swap / mutation within this worker
         self.model_lock = threading.Lock()  # Paddle predictors are not thread-safe
         self._load()
-
-    def _resolve(self, path: str) -> Path:
-        p = Path(path)
-        return p if p.is_absolute() else self.base / p
 
     def _load(self) -> None:
         with self.lock:

@@ -13,6 +13,13 @@ from pathlib import Path
 from typing import Any
 
 
+def resolve_under(path: str | Path, base: str | Path) -> Path:
+    """``path`` itself if absolute, else ``base / path`` (settings paths are relative to the
+    folder of the params file that names them)."""
+    path = Path(path)
+    return path if path.is_absolute() else Path(base) / path
+
+
 def fsync_path(path: str | Path) -> None:
     """fsync a file or directory, so that a rename that follows cannot expose unwritten data."""
     fd = os.open(path, os.O_RDONLY)
