@@ -52,8 +52,8 @@ with bentoml.importing():
     from fastapi import FastAPI
 
     from visrec.config import load_config
-    from visrec.index.gallery import Gallery, UnknownIdError
-    from visrec.serving import BodySizeLimit, check_admin, configure_pil
+    from visrec.index.gallery import UnknownIdError
+    from visrec.serving import BodySizeLimit, check_admin, configure_pil, labels_for_upload
     from visrec.serving.batching import AdaptiveBatcher, BatcherOverloaded
     from visrec.serving.live import LiveRecognition
     from visrec.serving.images import BadImageError, decode_upload
@@ -142,11 +142,16 @@ class VisrecRecognition:
 
     def _read_upload(self, path: Path) -> np.ndarray:
         """The uploaded file as HWC uint8 RGB; size checked before reading (BadImageError)."""
+        return self._read_upload_bytes(path)[0]
+
+    def _read_upload_bytes(self, path: Path) -> tuple[np.ndarray, bytes]:
+        """(HWC uint8 RGB image, the file's bytes); size checked before reading (BadImageError)."""
         size = path.stat().st_size
         if size > self.max_bytes:
             raise BadImageError(f"upload too large: {size} bytes, the limit is {self.max_bytes} bytes "
                                 f"({self.max_bytes / 2**20:.1f} MiB; {MAX_UPLOAD_ENV})")
-        return decode_upload(path.read_bytes(), self.max_bytes, self.max_pixels)
+        data = path.read_bytes()
+        return decode_upload(data, self.max_bytes, self.max_pixels), data
 
     @staticmethod
     def _bad_image(exc: BadImageError, name: str = "image", ctx: Any = None) -> JSONResponse:
@@ -237,21 +242,20 @@ class VisrecRecognition:
             return error(400, "no images uploaded: send one or more files in the 'images' field", ctx)
         if len(images) > MAX_FILES_PER_ADD:
             return error(413, f"too many images in one call: {len(images)}, the limit is {MAX_FILES_PER_ADD}", ctx)
-        if (label is None) == (labels is None):
-            return error(400, "give exactly one of 'label' (for every image) or 'labels' (a JSON list, one per image)", ctx)
-        names = [str(label)] * len(images) if labels is None else [str(x) for x in labels]
-        if len(names) != len(images):
-            return error(400, f"{len(names)} labels for {len(images)} images: give one label per image", ctx)
-        if any(not n.strip() for n in names):
-            return error(400, "labels must be non-empty strings", ctx)
+        try:
+            names = labels_for_upload(len(images), label, labels)
+        except ValueError as exc:
+            return error(400, str(exc), ctx)
         arrays, stored = [], []
         for i, path in enumerate(images):
             try:
-                arrays.append(self._read_upload(path))
+                array, data = self._read_upload_bytes(path)
             except BadImageError as exc:
                 return self._bad_image(exc, f"images[{i}]", ctx)
-        for path in images:  # kept so that a future champion's extractor can re-embed them
-            stored.append(self.live.store_upload(path.read_bytes(), path.suffix or ".img"))
+            arrays.append(array)
+            stored.append(data)
+        # kept (content-addressed) so that a future champion's extractor can re-embed them
+        stored = [self.live.store_upload(data, path.suffix or ".img") for data, path in zip(stored, images)]
         try:
             ids, gallery = self.live.add_images(arrays, names, stored)
         except ValueError as exc:
@@ -268,23 +272,10 @@ class VisrecRecognition:
         """Remove entries by ``ids`` or every entry of ``label``. Admin only."""
         if (denied := self._admin(ctx)) is not None:
             return denied
-        if (ids is None) == (label is None):
-            return error(400, "give exactly one of 'ids' (a list of gallery ids) or 'label'", ctx)
-        if ids is not None and not ids:
-            return error(400, "'ids' is empty", ctx)
-        if label is not None and label not in self.live.refresh()[1].labels():
-            return error(404, f"no gallery entries with label {label!r}", ctx)
-
-        def change(gallery: Gallery) -> int:
-            if label is not None:
-                removed = gallery.remove_label(label)
-                if removed == 0:  # removed by someone else meanwhile
-                    raise UnknownIdError(f"no gallery entries with label {label!r}")
-                return removed
-            return gallery.remove(ids)
-
         try:
-            removed, gallery = self.live.mutate(change)
+            removed, gallery = self.live.remove(ids, label)
+        except ValueError as exc:
+            return error(400, str(exc), ctx)
         except UnknownIdError as exc:
             return error(404, str(exc), ctx)
         logger.info("gallery remove: %s -> %d entries removed", f"label {label!r}" if label else f"ids {ids}",

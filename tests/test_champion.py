@@ -10,7 +10,7 @@ import pytest
 
 from visrec.config import config_from_dict
 from visrec.data.datasets import load_image
-from visrec.index.gallery import Gallery
+from visrec.index.gallery import Gallery, UnknownIdError
 from visrec.inference.extractor import Extractor
 from visrec.inference.gallery_ops import GalleryItem
 from visrec.serving.champion import (
@@ -103,8 +103,12 @@ def test_live_recognition_follows_promotions_and_gallery_changes(pipeline_output
     assert len(gallery) == 7 and gallery.metadata_of(ids[0])["path"] == str(stored)
     assert len(Gallery.load(repo / "data" / "champion" / "current" / "gallery")) == 7  # published
 
-    removed, gallery = live.mutate(lambda g: g.remove_label("uploaded"))
+    removed, gallery = live.remove(label="uploaded")
     assert removed == 1 and len(live.refresh()[1]) == 6
+    with pytest.raises(UnknownIdError, match="uploaded"):
+        live.remove(label="uploaded")  # nothing left to remove: nothing saved
+    with pytest.raises(ValueError, match="exactly one"):
+        live.remove()
 
     shutil.rmtree(repo / "data" / "champion")  # champion withdrawn: back to the latest export
     assert live.refresh()[1] is not gallery and live.champion is None

@@ -172,3 +172,14 @@ def test_body_size_limit_answers_413_from_content_length():
         sent = run(path, length)
         assert sent[0]["status"] == 413 and b"too large" in sent[1]["body"]
     assert len(calls) == 3  # refused requests never reached the app
+
+
+def test_labels_for_upload():
+    from visrec.serving import labels_for_upload
+
+    assert labels_for_upload(2, label="a") == ["a", "a"]
+    assert labels_for_upload(2, labels=["a", 3]) == ["a", "3"]
+    for kwargs, message in [({}, "exactly one"), ({"label": "a", "labels": ["a"]}, "exactly one"),
+                            ({"labels": ["a"]}, "1 labels for 2 images"), ({"labels": ["a", " "]}, "non-empty")]:
+        with pytest.raises(ValueError, match=message):
+            labels_for_upload(2, **kwargs)

@@ -78,13 +78,17 @@ def _fail_cleanly(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _config(params: Path, overrides: list[str] | None) -> Config:
-    """The params file with overrides; ``recognition`` names what is served: the champion's
-    models and gallery when one is published (``serve.champion``), else the pipeline's latest."""
+    return load_config(params, overrides or [])
+
+
+def _served_config(params: Path, overrides: list[str] | None) -> Config:
+    """As ``_config``, with ``recognition`` naming what is served: the champion's models and
+    gallery when one is published (``serve.champion``), else the pipeline's latest outputs."""
     import dataclasses
 
     from visrec.serving.champion import served_recognition
 
-    cfg = load_config(params, overrides or [])
+    cfg = _config(params, overrides)
     rec, _ = served_recognition(cfg, Path(params).resolve().parent)
     return dataclasses.replace(cfg, recognition=rec)
 
@@ -120,7 +124,7 @@ def recognize(
     from visrec.inference.visualize import save_visualization
 
     images = _images_in(path)
-    cfg = _config(params, override)
+    cfg = _served_config(params, override)
     system = RecognitionSystem.from_config(cfg.recognition)
     failures = 0
     for image_path in images:
@@ -149,7 +153,7 @@ def extract(
     from visrec.data.datasets import load_image
     from visrec.inference.extractor import Extractor
 
-    cfg = _config(params, override)
+    cfg = _served_config(params, override)
     rec = cfg.recognition
     extractor = Extractor(rec.extractor, backend=rec.backend, num_threads=rec.num_threads)
     vector = extractor.embed([load_image(image)])[0]
@@ -186,7 +190,7 @@ def gallery_build(
     from visrec.index.build import index_params
     from visrec.inference.gallery_ops import build_gallery, items_from_list
 
-    cfg = _config(params, override)
+    cfg = _served_config(params, override)
     items = items_from_list(list_file, root, cfg.index.delimiter)
     gallery = build_gallery(_extractor(cfg), items, cfg.index.index_type, cfg.recognition.num_threads,
                             cfg.index.batch_size, meta_extra={"source": str(list_file)}, **index_params(cfg.index))
@@ -207,7 +211,7 @@ def gallery_add(
 
     from visrec.index.gallery import update_lock
 
-    cfg = _config(params, override)
+    cfg = _served_config(params, override)
     extractor = _extractor(cfg)
     items = items_from_list(list_file, root, cfg.index.delimiter)
     with update_lock(cfg.recognition.gallery):  # the service and the DAG update under this lock too
@@ -230,7 +234,7 @@ def gallery_remove(
         raise CliError("give either --ids or --label (one of them)")
     from visrec.index.gallery import update_lock
 
-    cfg = _config(params, override)
+    cfg = _served_config(params, override)
     with update_lock(cfg.recognition.gallery):
         gallery = _load_gallery(cfg)
         if label is not None:
@@ -252,7 +256,7 @@ def gallery_info(
     override: OverrideOpt = None,
 ) -> None:
     """Print the gallery's metadata (type, size, fingerprint, threshold) as JSON."""
-    cfg = _config(params, override)
+    cfg = _served_config(params, override)
     gallery = _load_gallery(cfg)
     info = gallery.info()
     if labels:
@@ -304,7 +308,7 @@ def champion_show(params: ParamsOpt = Path("params.yaml"), override: OverrideOpt
     from visrec.serving.champion import champion_record
     from visrec.utils.fs import resolve_under
 
-    cfg = load_config(params, override or [])
+    cfg = _config(params, override)
     root = resolve_under(cfg.paths.champion, Path(params).resolve().parent)
     record = champion_record(root)
     if record is None:

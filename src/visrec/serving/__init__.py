@@ -10,7 +10,7 @@ import json
 
 from visrec.serving.images import BadImageError, configure_pil, decode_upload
 
-__all__ = ["BadImageError", "BodySizeLimit", "check_admin", "configure_pil", "decode_upload"]
+__all__ = ["BadImageError", "BodySizeLimit", "check_admin", "configure_pil", "decode_upload", "labels_for_upload"]
 
 ADMIN_TOKEN_ENV = "VISREC_ADMIN_TOKEN"
 
@@ -33,6 +33,21 @@ def check_admin(expected_token: str | None, authorization: str | None) -> tuple[
     if not hmac.compare_digest(token.strip().encode("utf-8"), expected_token.encode("utf-8")):
         return 401, "invalid admin token"
     return 200, ""
+
+
+def labels_for_upload(count: int, label: object = None, labels: list | None = None) -> list[str]:
+    """One label per uploaded image, from ``label`` (for all) or ``labels`` (one each, in order).
+
+    Raises ValueError naming the problem: neither or both given, a count mismatch, an empty label.
+    """
+    if (label is None) == (labels is None):
+        raise ValueError("give exactly one of 'label' (for every image) or 'labels' (a JSON list, one per image)")
+    names = [str(label)] * count if labels is None else [str(x) for x in labels]
+    if len(names) != count:
+        raise ValueError(f"{len(names)} labels for {count} images: give one label per image")
+    if any(not name.strip() for name in names):
+        raise ValueError("labels must be non-empty strings")
+    return names
 
 
 class BodySizeLimit:

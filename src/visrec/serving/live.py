@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from visrec.config import Config
-from visrec.index.gallery import Gallery, update_lock
+from visrec.index.gallery import Gallery, UnknownIdError, update_lock
 from visrec.inference.pipeline import RecognitionSystem
 from visrec.serving.champion import current_champion, served_recognition
 from visrec.utils.fs import resolve_under
@@ -143,5 +143,25 @@ class LiveRecognition:
             if gallery.fingerprint and gallery.fingerprint != fingerprint:  # promoted while we embedded
                 raise RuntimeError("the champion changed while these images were embedded; send them again")
             return gallery.add(vectors, list(labels), metadata)
+
+        return self.mutate(change)
+
+    def remove(self, ids: Sequence[int] | None = None, label: str | None = None) -> tuple[int, Gallery]:
+        """Remove entries by ``ids`` or every entry of ``label``; returns (removed, gallery).
+
+        Raises ValueError for a bad request and UnknownIdError when nothing matches (nothing
+        is saved then)."""
+        if (ids is None) == (label is None):
+            raise ValueError("give exactly one of 'ids' (a list of gallery ids) or 'label'")
+        if ids is not None and not ids:
+            raise ValueError("'ids' is empty")
+
+        def change(gallery: Gallery) -> int:
+            if label is None:
+                return gallery.remove(ids)
+            removed = gallery.remove_label(label)
+            if removed == 0:
+                raise UnknownIdError(f"no gallery entries with label {label!r}")
+            return removed
 
         return self.mutate(change)
