@@ -38,13 +38,16 @@ PRETRAINED_DEFAULTS = [  # a fine-tuning recipe for the pretrained backbone; -o 
     # GeM pooling (p = 2, learnable): zero-shot recall@1 0.755 here vs 0.727 with average pooling.
     'extractor.backbone={"name": "efficientnet_lite0", "pretrained": "imagenet", "pool": "gem", "gem_p": 2.0}',
     "extractor.neck=null",  # the pooled 1280-d features are the embedding: epoch 0 is the true zero-shot model
-    'extractor.head={"name": "CosMarginHead", "margin": 0.1, "scale": 30.0}',
+    # Proxy-Anchor with proxies at 100x the backbone's rate, and a head warm-up (LP-FT) on cached
+    # features first: recall@1 no longer dips below zero-shot in the first epochs (CosMargin did).
+    'extractor.head={"name": "ProxyHead"}', 'extractor.losses=[{"name": "ProxyAnchorLoss", "alpha": 32, "delta": 0.1}]',
+    "extractor.head_warmup_steps=500",
     "extractor.frozen_units=12", "extractor.freeze_bn=true",  # stem + blocks 0-9 fixed, BN at ImageNet stats
-    "extractor.image.size=224", "extractor.epochs=5", "extractor.eval_every=1",
-    "extractor.eval_before_training=true", "extractor.optimizer.name=adamw", "extractor.optimizer.lr=0.001",
-    "extractor.optimizer.backbone_lr_mult=0.3", "extractor.optimizer.weight_decay=0.0001",
-    "extractor.optimizer.warmup_epochs=0.5",
-    "extractor.sampler.classes_per_batch=8", "extractor.sampler.images_per_class=4",
+    "extractor.image.size=224", "extractor.epochs=6", "extractor.eval_every=2",
+    "extractor.eval_before_training=true", "extractor.optimizer.name=adamw", "extractor.optimizer.lr=0.003",
+    "extractor.optimizer.backbone_lr_mult=0.01", "extractor.optimizer.weight_decay=0.0001",
+    "extractor.optimizer.warmup_epochs=0",
+    "extractor.sampler.classes_per_batch=16", "extractor.sampler.images_per_class=4",
     "extractor.augment.rotate_degrees=0.0", "extractor.augment.erase_prob=0.0",
     "extractor.image.bbox_pad=0.0",  # tight box crops: 72.7 zero-shot recall@1 vs 70.7 with 5% padding
 ]

@@ -113,3 +113,52 @@ def test_exported_necks_run_in_paddle_inference_and_onnx(neck, tmp_path):
     for backend in ("paddle", "onnx"):
         out = Predictor(tmp_path / "export", backend=backend)(x)[0]
         np.testing.assert_allclose(out, expected, atol=1e-4)
+
+
+PROXY_ANCHOR = {"head": {"name": "ProxyHead"}, "losses": [{"name": "ProxyAnchorLoss"}]}
+
+
+def test_head_warmup_trains_only_neck_and_head(tiny_cub):
+    from visrec.data.datasets import make_loader
+    from visrec.data.samplers import PKSampler
+    from visrec.models.losses import build_loss
+    from visrec.training.head_warmup import warm_up_head
+
+    raw, split = tiny_cub
+    cfg = tiny_config(**PROXY_ANCHOR)
+    train_ds = extractor_mod.make_dataset(cfg, raw, split / "train_list.txt", train=True)
+    loader = make_loader(train_ds, batch_sampler=PKSampler(train_ds.labels, p=4, k=4, seed=0))
+    model = extractor_mod.build_model(cfg, class_num=train_ds.num_classes)
+    before = state(model)
+    losses = warm_up_head(model, loader, build_loss(cfg.losses), steps=40, lr=0.01, batch_size=16)
+    after = state(model)
+    assert len(losses) == 40 and np.mean(losses[-5:]) < np.mean(losses[:5])
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert changed and all(k.startswith(("neck.", "head.")) for k in changed), changed
+    assert any(k.startswith("head.") for k in changed) and any(k.startswith("neck.") for k in changed)
+
+
+def test_head_warmup_runs_once_before_training_and_not_on_resume(tiny_cub, tmp_path, monkeypatch):
+    raw, split = tiny_cub
+    calls = []
+    real = extractor_mod.warm_up_head
+    monkeypatch.setattr(extractor_mod, "warm_up_head", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    cfg = tiny_config(**PROXY_ANCHOR, head_warmup_steps=10, epochs=1)
+    _, st = train_extractor(cfg, raw, split, tmp_path / "run")
+    assert calls == [10] and st.epoch == 1
+    resumed = tiny_config(**PROXY_ANCHOR, head_warmup_steps=10, epochs=2,
+                          resume=str(tmp_path / "run" / "checkpoints" / "latest"))
+    train_extractor(resumed, raw, split, tmp_path / "run")
+    assert calls == [10]  # the resumed run keeps its checkpointed head
+
+
+def test_head_warmup_needs_something_to_warm_up(tiny_cub):
+    from visrec.models.losses import build_loss
+    from visrec.training.head_warmup import warm_up_head
+
+    cfg = tiny_config(neck=None, head=None, losses=[{"name": "TripletLossV2"}])
+    model = extractor_mod.build_model(cfg, class_num=4)
+    with pytest.raises(ValueError, match="head_warmup_steps=0"):
+        warm_up_head(model, [], build_loss(cfg.losses), steps=5, lr=0.01, batch_size=4)
+    with pytest.raises(ValueError, match=">= 0"):
+        warm_up_head(model, [], build_loss(cfg.losses), steps=-1, lr=0.01, batch_size=4)

@@ -10,6 +10,7 @@ from visrec.models.losses import (
     LOSSES,
     CELoss,
     CombinedLoss,
+    ProxyAnchorLoss,
     TripletAngularMarginLoss,
     TripletLossV2,
     build_loss,
@@ -270,7 +271,8 @@ def test_ce_rejects_out_of_range_labels():
 def _outputs(seed=0, n=6, classes=3, dim=4):
     rng = np.random.default_rng(seed)
     return {
-        "logits": _tensor(rng.normal(size=(n, classes)), stop_gradient=False),
+        # within [-1, 1]: valid cosines for ProxyAnchorLoss, ordinary logits for the others
+        "logits": _tensor(np.tanh(rng.normal(size=(n, classes))), stop_gradient=False),
         "features": _tensor(rng.normal(size=(n, dim)), stop_gradient=False),
     }
 
@@ -339,3 +341,55 @@ def test_every_registered_loss_builds_and_returns_a_scalar(name):
     assert total.shape == []
     assert list(parts) == [name]
     assert np.isfinite(float(total))
+
+
+# --------------------------------------------------------------------------- proxy anchor
+def ref_proxy_anchor(cos, labels, alpha, delta):
+    """Loops over proxies, as the paper's equation reads."""
+    n, classes = cos.shape
+    pos_terms, neg_terms = [], []
+    for c in range(classes):
+        pos = [np.exp(-alpha * (cos[i, c] - delta)) for i in range(n) if labels[i] == c]
+        neg = [np.exp(alpha * (cos[i, c] + delta)) for i in range(n) if labels[i] != c]
+        if pos:
+            pos_terms.append(np.log1p(sum(pos)))
+        neg_terms.append(np.log1p(sum(neg)))
+    return sum(pos_terms) / max(len(pos_terms), 1) + sum(neg_terms) / classes
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("alpha, delta", [(32.0, 0.1), (8.0, 0.0)])
+def test_proxy_anchor_matches_reference(layout, alpha, delta):
+    labels = np.array(LAYOUTS[layout])
+    classes = labels.max() + 2  # one proxy without a positive in the batch
+    cos = np.random.default_rng(len(labels)).uniform(-1, 1, size=(len(labels), classes))
+    got = ProxyAnchorLoss(alpha, delta)(_tensor(cos), _tensor(labels))
+    np.testing.assert_allclose(float(got), ref_proxy_anchor(cos, labels, alpha, delta), **TOL)
+
+
+def test_proxy_anchor_refuses_scaled_logits_and_missing_head():
+    labels = _tensor(np.array([0, 1]))
+    with pytest.raises(ValueError, match="ProxyHead"):
+        ProxyAnchorLoss()(_tensor(np.array([[30.0, -2.0], [1.5, 3.0]])), labels)
+    with pytest.raises(ValueError, match="ProxyHead"):
+        build_loss([{"name": "ProxyAnchorLoss"}])({"logits": None, "features": _tensor(np.ones((2, 3)))}, labels)
+
+
+def test_proxy_anchor_step_pulls_embeddings_towards_their_proxies():
+    from visrec.models.heads import create_head
+
+    paddle.seed(0)
+    head = create_head("ProxyHead", embedding_size=8, class_num=3)
+    feats = _tensor(np.random.default_rng(0).normal(size=(6, 8)).astype("float32"), stop_gradient=False)
+    labels = _tensor(np.array([0, 0, 1, 1, 2, 2]))
+    head.train()
+    cos = head(feats, labels)
+    assert float(cos.abs().max()) <= 1.0 + 1e-6
+    np.testing.assert_allclose(cos.numpy(), head(feats).numpy(), atol=1e-6)  # no margin, no scale
+    loss = ProxyAnchorLoss()(cos, labels)
+    loss.backward()
+    step = feats - 0.05 * feats.grad
+    assert float(ProxyAnchorLoss()(head(step), labels)) < float(loss)
+    before = head(feats).numpy()[np.arange(6), labels.numpy()]
+    after = head(step).numpy()[np.arange(6), labels.numpy()]
+    assert after.mean() > before.mean() + 0.05

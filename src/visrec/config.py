@@ -165,6 +165,9 @@ class ExtractorConfig:
     # "all" for every one) and/or keep every BN at its running statistics.
     frozen_units: int | Literal["all"] = 0
     freeze_bn: bool = False
+    # Before fine-tuning, train only neck + head this many steps on backbone features computed
+    # once (LP-FT): the backbone's first updates then follow trained proxies, not random ones.
+    head_warmup_steps: int = 0
     epochs: int = 10
     eval_every: int = 2
     # Evaluate the starting weights first: with a pretrained backbone the zero-shot model then

@@ -117,6 +117,18 @@ class CosMarginHead(_CosineHead):
         return cos - self.margin * one_hot
 
 
+@register_head
+class ProxyHead(_CosineHead):
+    """One learnable proxy per class; gives the plain cosines ``[N, C]`` (no scale, no margin),
+    which is what ``ProxyAnchorLoss`` reads."""
+
+    def __init__(self, embedding_size: int, class_num: int):
+        super().__init__(embedding_size, class_num, margin=0.0, scale=1.0)
+
+    def apply_margin(self, cos: paddle.Tensor, one_hot: paddle.Tensor) -> paddle.Tensor:
+        return cos
+
+
 def create_head(name: str | None, embedding_size: int, class_num: int, **kwargs) -> nn.Layer | None:
     """Build head ``name`` (a class name above, case-insensitive); None/"null" -> no head."""
     if name in NULL_NAMES:

@@ -181,8 +181,48 @@ class TripletAngularMarginLoss(nn.Layer):
         return loss
 
 
+class ProxyAnchorLoss(nn.Layer):
+    """Proxy-Anchor (Kim et al., 2020) on the cosines between embeddings and class proxies.
+
+    Reads ``outputs["logits"]`` from ``ProxyHead`` (plain cosines, scale 1): ``[N, C]``.
+    Each proxy is an anchor. For the proxies with a positive in the batch,
+    ``log(1 + sum_pos exp(-alpha (cos - delta)))``; for every proxy,
+    ``log(1 + sum_neg exp(alpha (cos + delta)))``. The first term is averaged over the
+    proxies with positives, the second over all proxies. Every embedding in the batch
+    interacts with every proxy, so it learns fast from few images per class; the proxies
+    want a higher learning rate than the backbone (``backbone_lr_mult`` well below 1).
+    """
+
+    input_key: ClassVar[str] = "logits"
+
+    def __init__(self, alpha: float = 32.0, delta: float = 0.1) -> None:
+        super().__init__()
+        if alpha <= 0:
+            raise ValueError(f"ProxyAnchorLoss alpha must be > 0, got {alpha}")
+        self.alpha, self.delta = float(alpha), float(delta)
+
+    def forward(self, cosines: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
+        if cosines is None or cosines.ndim != 2:
+            raise ValueError("ProxyAnchorLoss needs [N, classes] cosines in outputs['logits']: "
+                             "set extractor.head to {name: ProxyHead}")
+        # A scaled or margin head (ArcMarginHead, FCHead ...) gives values far outside [-1, 1].
+        if float(cosines.abs().max()) > 1.0 + 1e-4:
+            raise ValueError("ProxyAnchorLoss needs plain cosines (|value| <= 1) but the head gives larger "
+                             "logits: set extractor.head to {name: ProxyHead}")
+        num_classes = cosines.shape[1]
+        labels = _flat_labels(labels, cosines.shape[0])
+        positive = F.one_hot(labels.astype("int64"), num_classes).astype(cosines.dtype)
+        pos_exp = paddle.exp(-self.alpha * (cosines - self.delta)) * positive
+        neg_exp = paddle.exp(self.alpha * (cosines + self.delta)) * (1.0 - positive)
+        with_positive = (positive.sum(axis=0) > 0).astype(cosines.dtype)
+        pos_term = (paddle.log1p(pos_exp.sum(axis=0)) * with_positive).sum() / paddle.clip(with_positive.sum(), min=1)
+        neg_term = paddle.log1p(neg_exp.sum(axis=0)).sum() / num_classes
+        return pos_term + neg_term
+
+
 LOSSES: dict[str, type[nn.Layer]] = {
     "CELoss": CELoss,
+    "ProxyAnchorLoss": ProxyAnchorLoss,
     "TripletLossV2": TripletLossV2,
     "TripletAngularMarginLoss": TripletAngularMarginLoss,
 }

@@ -31,6 +31,7 @@ from visrec.models.freezing import freeze_pretrained
 from visrec.models.losses import CombinedLoss, build_loss
 from visrec.training.checkpoint import prepare_work_dir
 from visrec.training.engine import EngineConfig, Trainer, TrainerState, is_main_process
+from visrec.training.head_warmup import warm_up_head
 from visrec.training.optim import build_optimizer, build_scheduler
 from visrec.utils.fs import replace_dir, write_json
 
@@ -136,6 +137,9 @@ def train_extractor(cfg: ExtractorConfig, raw_root: Path, split_dir: Path, out_d
                               metric="recall@1", metric_mode="max", seed=cfg.seed, amp=cfg.amp,
                               resume=cfg.resume, eval_before_training=cfg.eval_before_training)
     task = ExtractorTask(build_loss(cfg.losses), eval_ds, cfg.eval_batch_size)
+    if cfg.head_warmup_steps and not cfg.resume:  # a resumed run already has its warmed-up head
+        warm_up_head(model, loader, task.loss, cfg.head_warmup_steps, cfg.optimizer.lr,
+                     cfg.sampler.classes_per_batch * cfg.sampler.images_per_class, cfg.seed)
     if is_main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / MODEL_CONFIG_FILE).write_text(json.dumps(model_config(cfg, train_ds.num_classes), indent=2) + "\n")
