@@ -119,18 +119,15 @@ PROXY_ANCHOR = {"head": {"name": "ProxyHead"}, "losses": [{"name": "ProxyAnchorL
 
 
 def test_head_warmup_trains_only_neck_and_head(tiny_cub):
-    from visrec.data.datasets import make_loader
-    from visrec.data.samplers import PKSampler
     from visrec.models.losses import build_loss
     from visrec.training.head_warmup import warm_up_head
 
     raw, split = tiny_cub
     cfg = tiny_config(**PROXY_ANCHOR)
     train_ds = extractor_mod.make_dataset(cfg, raw, split / "train_list.txt", train=True)
-    loader = make_loader(train_ds, batch_sampler=PKSampler(train_ds.labels, p=4, k=4, seed=0))
     model = extractor_mod.build_model(cfg, class_num=train_ds.num_classes)
     before = state(model)
-    losses = warm_up_head(model, loader, build_loss(cfg.losses), steps=40, lr=0.01, batch_size=16)
+    losses = warm_up_head(model, train_ds, build_loss(cfg.losses), steps=40, lr=0.01, batch_size=16)
     after = state(model)
     assert len(losses) == 40 and np.mean(losses[-5:]) < np.mean(losses[:5])
     changed = {k for k in before if not np.array_equal(before[k], after[k])}

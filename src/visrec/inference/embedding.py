@@ -17,8 +17,8 @@ def embed_dataset(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run ``embed_fn`` over ``dataset`` (items: CHW image, label, unique id) in order.
 
-    ``embed_fn`` takes an NCHW float32 batch and returns L2-normalised ``[N, D]`` numpy
-    features. Returns (features, labels, unique ids).
+    ``embed_fn`` takes an NCHW float32 batch and returns ``[N, D]`` numpy features
+    (L2-normalised ones for retrieval). Returns (features, labels, unique ids).
     """
     feats, labels, ids = [], [], []
     for start in tqdm(range(0, len(dataset), batch_size), desc=desc, disable=not progress, leave=False):

@@ -138,7 +138,7 @@ def train_extractor(cfg: ExtractorConfig, raw_root: Path, split_dir: Path, out_d
                               resume=cfg.resume, eval_before_training=cfg.eval_before_training)
     task = ExtractorTask(build_loss(cfg.losses), eval_ds, cfg.eval_batch_size)
     if cfg.head_warmup_steps and not cfg.resume:  # a resumed run already has its warmed-up head
-        warm_up_head(model, loader, task.loss, cfg.head_warmup_steps, cfg.optimizer.lr,
+        warm_up_head(model, train_ds, task.loss, cfg.head_warmup_steps, cfg.optimizer.lr,
                      cfg.sampler.classes_per_batch * cfg.sampler.images_per_class, cfg.seed)
     if is_main_process():
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -16,27 +16,30 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
+from visrec.inference.embedding import embed_dataset
 from visrec.models.extractor import RecModel
 from visrec.models.losses import CombinedLoss
 
 logger = logging.getLogger(__name__)
 
 
-def backbone_features(model: RecModel, loader) -> tuple[np.ndarray, np.ndarray]:
-    """One pass of ``loader`` (train augmentation) through the backbone in eval mode."""
+def backbone_features(model: RecModel, dataset, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The backbone's pooled features of every ``dataset`` item (its own transforms), in eval mode."""
     model.eval()
-    feats, labels = [], []
-    with paddle.no_grad():
-        for images, batch_labels, _ in tqdm(loader, desc="head warm-up: backbone features", leave=False):
-            feats.append(model.backbone(images).numpy())
-            labels.append(np.asarray(batch_labels).reshape(-1))
-    return np.concatenate(feats), np.concatenate(labels)
+
+    def backbone_fn(batch: np.ndarray) -> np.ndarray:
+        with paddle.no_grad():
+            return model.backbone(paddle.to_tensor(batch)).numpy()
+
+    feats, labels, _ = embed_dataset(backbone_fn, dataset, batch_size, desc="head warm-up: backbone features")
+    return feats, labels
 
 
-def warm_up_head(model: RecModel, loader, loss: CombinedLoss, steps: int, lr: float,
+def warm_up_head(model: RecModel, dataset, loss: CombinedLoss, steps: int, lr: float,
                  batch_size: int, seed: int = 0) -> list[float]:
-    """Train ``model.neck`` and ``model.head`` for ``steps`` AdamW steps at ``lr`` on fixed
-    backbone features; the backbone is untouched. Returns the loss of each step."""
+    """Train ``model.neck`` and ``model.head`` for ``steps`` AdamW steps at ``lr`` (batches of
+    ``batch_size`` drawn at random) on the backbone features of ``dataset`` (the training set,
+    one augmented pass); the backbone is untouched. Returns the loss of each step."""
     if steps < 0:
         raise ValueError(f"extractor.head_warmup_steps must be >= 0 (0 turns the warm-up off), got {steps}")
     if steps == 0:
@@ -46,7 +49,7 @@ def warm_up_head(model: RecModel, loader, loss: CombinedLoss, steps: int, lr: fl
     if not params:
         raise ValueError("head_warmup_steps is set but the model has no neck or head weights to warm up "
                          "(neck and head are null): set extractor.head_warmup_steps=0")
-    feats, labels = backbone_features(model, loader)
+    feats, labels = backbone_features(model, dataset, batch_size)
     optimizer = paddle.optimizer.AdamW(learning_rate=lr, parameters=params, weight_decay=0.0)
     rng = np.random.default_rng(seed)
     model.train()
