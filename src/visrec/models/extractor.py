@@ -32,7 +32,12 @@ class RecModel(BackboneFreezing, nn.Layer):
 
     def forward(self, x: paddle.Tensor, labels: paddle.Tensor | None = None) -> dict[str, paddle.Tensor | None]:
         """``{"features": [N, D] embedding before L2 norm, "logits": [N, K] or None}``."""
-        features = self.neck(self.backbone(x))
+        return self.forward_from_backbone(self.backbone(x), labels)
+
+    def forward_from_backbone(self, pooled: paddle.Tensor,
+                              labels: paddle.Tensor | None = None) -> dict[str, paddle.Tensor | None]:
+        """``forward`` from the backbone's pooled features on (neck, then head)."""
+        features = self.neck(pooled)
         logits = self.head(features, labels) if self.head is not None else None
         return {"features": features, "logits": logits}
 

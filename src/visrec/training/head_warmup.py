@@ -57,9 +57,7 @@ def warm_up_head(model: RecModel, dataset, loss: CombinedLoss, steps: int, lr: f
     for _ in tqdm(range(steps), desc="head warm-up", leave=False):
         pick = rng.choice(len(labels), size=min(batch_size, len(labels)), replace=False)
         batch_labels = paddle.to_tensor(labels[pick])
-        features = model.neck(paddle.to_tensor(feats[pick]))
-        logits = model.head(features, batch_labels) if model.head is not None else None
-        total, _ = loss({"features": features, "logits": logits}, batch_labels)
+        total, _ = loss(model.forward_from_backbone(paddle.to_tensor(feats[pick]), batch_labels), batch_labels)
         total.backward()
         optimizer.step()
         optimizer.clear_grad()
