@@ -140,7 +140,7 @@ def main() -> None:
     if len(tuned) > 1:
         print(f"\nover {len(tuned)} seeds (mean ± sd):")
         for label, values in (("best epoch recall@1", [r["recall@1"] for r in tuned]),
-                              ("last epoch recall@1", [r["last_recall@1"] for r in tuned if r["last_recall@1"]]),
+                              ("last epoch recall@1", [r["last_recall@1"] for r in tuned if r["last_recall@1"] is not None]),
                               ("best epoch mAP", [r["mAP"] for r in tuned])):
             if len(values) > 1:
                 print(f"  {label}: {statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}")
