@@ -10,9 +10,9 @@ mAP, MAP@R, training time and images/s for each model:
     .venv/bin/python bench/bench_real_data.py DIR --train-classes 25 --seeds 0,1,2   # mean ± sd over seeds
 
 The zero-shot model is the pretrained backbone's pooled features (no neck, no training) with the
-recipe's pooling. The fine-tuned one uses the `extractor` params with `eval_before_training` on,
-so its best model is never worse than its starting point, which (neck null) is that same
-zero-shot model.
+recipe's pooling. The fine-tuned one uses the `extractor` params of ``params.yaml`` (the default
+recipe; ``-o`` changes any of it) with `eval_before_training` on, so its best model is never
+worse than its starting point, which (neck null) is that same zero-shot model.
 
 Each fine-tuning run reports its best evaluated epoch and its last one. The best is picked on
 the same unseen-class queries it is scored on (the CUB protocol has no validation split), so it
@@ -42,23 +42,6 @@ from visrec.training.extractor import load_trained, model_config, run_training
 from visrec.utils.logs import setup_logging
 
 KEYS = ("recall@1", "recall@5", "mAP", "MAP@R")
-PRETRAINED_DEFAULTS = [  # a fine-tuning recipe for the pretrained backbone; -o overrides any of it
-    # GeM pooling (p = 2, learnable): zero-shot recall@1 0.755 here vs 0.727 with average pooling.
-    'extractor.backbone={"name": "efficientnet_lite0", "pretrained": "imagenet", "pool": "gem", "gem_p": 2.0}',
-    "extractor.neck=null",  # the pooled 1280-d features are the embedding: epoch 0 is the true zero-shot model
-    # Proxy-Anchor with proxies at 100x the backbone's rate, and a head warm-up (LP-FT) on cached
-    # features first: recall@1 no longer dips below zero-shot in the first epochs (CosMargin did).
-    'extractor.head={"name": "ProxyHead"}', 'extractor.losses=[{"name": "ProxyAnchorLoss", "alpha": 32, "delta": 0.1}]',
-    "extractor.head_warmup_steps=500",
-    "extractor.frozen_units=12", "extractor.freeze_bn=true",  # stem + blocks 0-9 fixed, BN at ImageNet stats
-    "extractor.image.size=224", "extractor.epochs=6", "extractor.eval_every=2",
-    "extractor.eval_before_training=true", "extractor.optimizer.name=adamw", "extractor.optimizer.lr=0.003",
-    "extractor.optimizer.backbone_lr_mult=0.01", "extractor.optimizer.weight_decay=0.0001",
-    "extractor.optimizer.warmup_epochs=0",
-    "extractor.sampler.classes_per_batch=16", "extractor.sampler.images_per_class=4",
-    "extractor.augment.rotate_degrees=0.0", "extractor.augment.erase_prob=0.0",
-    "extractor.image.bbox_pad=0.0",  # tight box crops: 72.7 zero-shot recall@1 vs 70.7 with 5% padding
-]
 
 
 def main() -> None:
@@ -75,7 +58,7 @@ def main() -> None:
     setup_logging("INFO")
     work = args.work or Path(tempfile.mkdtemp(prefix="visrec-real-"))
     paths = {k: str(work / k) for k in ("raw", "downloads", "split", "extractor", "export", "evaluate", "metrics")}
-    overrides = [*PRETRAINED_DEFAULTS, f"data.source={args.cub_dir}", f"split.train_classes={args.train_classes}",
+    overrides = [f"data.source={args.cub_dir}", f"split.train_classes={args.train_classes}",
                  *[f"paths.{k}={v}" for k, v in paths.items()], *args.override]
     if args.epochs is not None:
         overrides.append(f"extractor.epochs={max(args.epochs, 1)}")

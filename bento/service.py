@@ -263,7 +263,7 @@ class VisrecRecognition:
         except RuntimeError as exc:  # a promotion raced the embedding
             return error(409, str(exc), ctx)
         logger.info("gallery add: %d image(s), labels %s -> ids %s", len(ids), sorted(set(names)), ids)
-        return {"ids": [int(i) for i in ids], "labels": names, "count": len(gallery),
+        return {"ids": [int(i) for i in ids], "labels": [gallery.label_of(i) for i in ids], "count": len(gallery),
                 "gallery_version": gallery.version}
 
     @bentoml.api(route="/gallery/remove")

@@ -10,7 +10,8 @@ from visrec.utils.stage import main
 
 def train(cfg: Config) -> None:
     run_training(cfg.extractor, Path(cfg.paths.raw) / CUB_DIRNAME, Path(cfg.paths.split),
-                 Path(cfg.paths.extractor), Path(cfg.paths.metrics) / "train_extractor.json")
+                 Path(cfg.paths.extractor), Path(cfg.paths.metrics) / "train_extractor.json",
+                 real_photos=cfg.data.real_photos)
 
 
 if __name__ == "__main__":

@@ -43,8 +43,40 @@ def test_train_writes_run_and_metrics(tiny_cub, tmp_path):
     assert {p.name for p in (run / "checkpoints").iterdir()} >= {"best_model", "latest", "epoch_2"}
     history = (run / "history.csv").read_text().splitlines()
     assert history[0].startswith("epoch,") and "val_recall@1" in history[0] and len(history) == 3
-    assert json.loads((tmp_path / "m.json").read_text()) == summary
-    assert 0.0 <= summary["best_recall@1"] <= 1.0 and summary["epochs"] == 2
+    assert json.loads((tmp_path / "m.json").read_text()) == {k: v for k, v in summary.items() if k != "finetune_reason"}
+    assert 0.0 <= summary["best_recall@1"] <= 1.0 and summary["epochs"] == 2 and summary["finetuned"] is True
+
+
+def test_synthetic_photos_leave_the_pretrained_backbone_untouched(tiny_cub, tmp_path):
+    """extractor.finetune real_only on the generator's shapes: the finished run is the pretrained
+    network as it is (no training step, no evaluation), exportable like any run."""
+    raw, split = tiny_cub
+    cfg = tiny_config(backbone={"name": "efficientnet_lite0", "pretrained": "imagenet", "pool": "gem"},
+                      neck=None, head={"name": "ProxyHead"},
+                      losses=[{"name": "ProxyAnchorLoss", "alpha": 32.0, "delta": 0.1}], image={"size": 64})
+    summary = run_training(cfg, raw, split, tmp_path / "extractor", tmp_path / "m.json", real_photos=False)
+    assert summary["finetuned"] is False and summary["epochs"] == 0 and "synthetic" in summary["finetune_reason"]
+    assert "finetune_reason" not in json.loads((tmp_path / "m.json").read_text())  # metrics stay numeric
+    model, model_cfg = load_trained(tmp_path / "extractor", "best_model")
+    pretrained = extractor_mod.build_model(cfg, class_num=model_cfg["class_num"])
+    saved, fresh = state(model.backbone), state(pretrained.backbone)
+    assert saved.keys() == fresh.keys() and all(np.array_equal(saved[k], fresh[k]) for k in saved)
+    assert (tmp_path / "extractor" / "checkpoints" / "latest").is_dir()
+    again = run_training(cfg, raw, split, tmp_path / "again", tmp_path / "m2.json", real_photos=False)
+    assert again["finetuned"] is False  # and the same weights: the unused head is seeded
+    a, b = state(load_trained(tmp_path / "extractor")[0]), state(load_trained(tmp_path / "again")[0])
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(("finetune", "real", "pretrained", "expected"), [
+    ("real_only", True, "imagenet", True), ("real_only", False, "imagenet", False),
+    ("always", False, "imagenet", True), ("never", True, "imagenet", False),
+    ("real_only", False, None, True),  # from scratch: untrained weights are no model at all
+])
+def test_when_training_may_change_the_weights(finetune, real, pretrained, expected):
+    backbone = {"name": "mobilenet_v1", "scale": 0.25, **({"pretrained": pretrained} if pretrained else {})}
+    allowed, reason = extractor_mod.finetune_allowed(tiny_config(finetune=finetune, backbone=backbone), real)
+    assert allowed is expected and reason
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_cub, tmp_path, monkeypatch):

@@ -81,7 +81,9 @@ def test_extractor_refuses_a_detector_export(exported_models):
 
 def test_gallery_image_is_recognised_as_its_label_without_detector(exported_models, whole_image_gallery):
     path, items = whole_image_gallery
-    system = RecognitionSystem.from_config(rec_config(exported_models, path, detector=False, score_threshold=0.0))
+    # class_top_m 1: nearest neighbour, so a gallery image's own entry (similarity 1) decides
+    system = RecognitionSystem.from_config(rec_config(exported_models, path, detector=False, score_threshold=0.0,
+                                                      class_top_m=1))
     for item in items[:5]:
         image = load_image(item.path)
         results = system.predict(image)
@@ -95,7 +97,7 @@ def test_gallery_image_is_recognised_as_its_label_without_detector(exported_mode
 def test_pipeline_with_detector_output_format_and_topk(exported_models, whole_image_gallery):
     path, items = whole_image_gallery
     system = RecognitionSystem.from_config(rec_config(exported_models, path, det_threshold=0.0,
-                                                      score_threshold=-1.0, nms_iou=0.9))
+                                                      score_threshold=-1.0, nms_iou=0.9, class_top_m=1))
     image = load_image(items[0].path)
     results = system.predict(image, top_k=3, return_topk=True)
     assert 1 <= len(results) <= system.settings.max_det + 1

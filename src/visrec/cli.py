@@ -171,6 +171,13 @@ def _extractor(cfg: Config):
     return Extractor(rec.extractor, backend=rec.backend, num_threads=rec.num_threads)
 
 
+def _detector(cfg: Config):
+    """The detector that finds the ``object`` view of gallery images (None when not needed)."""
+    from visrec.inference.pipeline import load_detector
+
+    return load_detector(cfg.recognition) if "object" in cfg.recognition.gallery_views else None
+
+
 def _load_gallery(cfg: Config, extractor=None):
     from visrec.index.gallery import Gallery
 
@@ -193,7 +200,8 @@ def gallery_build(
     cfg = _served_config(params, override)
     items = items_from_list(list_file, root, cfg.index.delimiter)
     gallery = build_gallery(_extractor(cfg), items, cfg.index.index_type, cfg.recognition.num_threads,
-                            cfg.index.batch_size, meta_extra={"source": str(list_file)}, **index_params(cfg.index))
+                            cfg.index.batch_size, meta_extra={"source": str(list_file)},
+                            views=cfg.recognition.gallery_views, detector=_detector(cfg), **index_params(cfg.index))
     gallery.save(cfg.recognition.gallery)
     print(json.dumps(gallery.info(), ensure_ascii=False))
 
@@ -216,7 +224,8 @@ def gallery_add(
     items = items_from_list(list_file, root, cfg.index.delimiter)
     with update_lock(cfg.recognition.gallery):  # the service and the DAG update under this lock too
         gallery = _load_gallery(cfg, extractor)
-        ids = add_items(gallery, extractor, items, cfg.index.batch_size)
+        ids = add_items(gallery, extractor, items, cfg.index.batch_size, views=cfg.recognition.gallery_views,
+                        detector=_detector(cfg))
         gallery.save(cfg.recognition.gallery)
     print(json.dumps({"added": len(ids), "ids": ids, "count": len(gallery)}, ensure_ascii=False))
 

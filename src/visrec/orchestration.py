@@ -279,6 +279,7 @@ def update_gallery(images_dir: str | Path, label_file: str | Path,
     from visrec.index.gallery import Gallery, update_lock
     from visrec.inference.extractor import Extractor
     from visrec.inference.gallery_ops import add_items
+    from visrec.inference.pipeline import load_detector
     from visrec.serving.champion import served_recognition
 
     params_path = Path(params_path).resolve()
@@ -297,7 +298,9 @@ def update_gallery(images_dir: str | Path, label_file: str | Path,
         gallery = Gallery.load(gallery_path, expected_fingerprint=extractor.fingerprint,
                                num_threads=rec.num_threads)
         old_version, before = gallery.version, len(gallery)
-        ids = add_items(gallery, extractor, items, batch_size=cfg.index.batch_size, progress=False)
+        ids = add_items(gallery, extractor, items, batch_size=cfg.index.batch_size, progress=False,
+                        views=rec.gallery_views,
+                        detector=load_detector(rec) if "object" in rec.gallery_views else None)
         version_dir = gallery.save(gallery_path)
     result = {"added": len(ids), "ids": ids, "labels": sorted({i.label for i in items}),
               "count_before": before, "count": len(gallery), "old_version": old_version,

@@ -20,7 +20,7 @@ from visrec.evaluation.system_eval import Query, SystemSplit, calibrate, open_se
 from visrec.index.gallery import Gallery
 from visrec.index.listfile import write_list_file
 from visrec.inference.extractor import Extractor
-from visrec.inference.gallery_ops import embed_items, item_metadata
+from visrec.inference.gallery_ops import embed_items, expand_views, item_metadata
 from visrec.inference.pipeline import RecognitionSystem
 from visrec.utils.fs import atomic_write_text, write_json
 
@@ -61,9 +61,10 @@ def run_build_index(cfg, raw_root: Path, split_dir: Path, index_dir: Path, metri
     split: SystemSplit = split_for_system(meta, test_ids, index_cfg.gallery_per_class, index_cfg.open_set_fraction,
                                           index_cfg.calibration_fraction, index_cfg.seed)
     extractor = Extractor(rec_cfg.extractor, backend=rec_cfg.backend, num_threads=rec_cfg.num_threads)
-    vectors = embed_items(extractor, split.gallery, index_cfg.batch_size)
-    labels = [item.label for item in split.gallery]
-    metadata = [item_metadata(item) for item in split.gallery]
+    entries = expand_views(split.gallery, rec_cfg.gallery_views)  # the known boxes are the object views
+    vectors = embed_items(extractor, entries, index_cfg.batch_size)
+    labels = [item.label for item in entries]
+    metadata = [item_metadata(item) for item in entries]
     params = index_params(index_cfg)
 
     def make() -> Gallery:
@@ -80,11 +81,13 @@ def run_build_index(cfg, raw_root: Path, split_dir: Path, index_dir: Path, metri
     index_dir = Path(index_dir)
     index_dir.mkdir(parents=True, exist_ok=True)
     rel = [os.path.relpath(item.path, index_dir) for item in split.gallery]
-    write_list_file(index_dir / GALLERY_LIST, zip(rel, labels, strict=True), delimiter=index_cfg.delimiter)
+    write_list_file(index_dir / GALLERY_LIST, zip(rel, [item.label for item in split.gallery], strict=True),
+                    delimiter=index_cfg.delimiter)
     write_queries(index_dir / QUERIES, split.queries)
     write_json(index_dir / CALIBRATION_FILE, calibration)
     gallery.save(rec_cfg.gallery)
-    summary = {"gallery_images": len(gallery), "gallery_labels": len(gallery.labels()),
+    summary = {"gallery_images": len(split.gallery), "gallery_entries": len(gallery),
+               "gallery_labels": len(gallery.labels()),
                "queries": len(split.queries), "held_out_labels": len(split.held_out),
                "index_type": index_cfg.index_type, **calibration}
     write_json(metrics_file, summary)

@@ -6,7 +6,9 @@
 
 Per image: the detector's top ``max_det`` boxes above ``det_threshold`` plus (by default, as
 PP-ShiTu) the whole-image box; every crop goes through the extractor in ONE batched call;
-each embedding searches the gallery (top-k); results under the score threshold are dropped;
+each embedding searches the gallery (``search_k`` neighbours), and each label gets a score
+(the mean of its best ``class_top_m`` similarities, ``visrec.index.label_scores``); the top-k
+labels are the candidates; results under the score threshold are dropped;
 class-agnostic NMS over the recognised boxes, best score first, keeps one result per object.
 Without a detector (``detector: null``) the whole image is the one object.
 """
@@ -17,6 +19,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,8 +27,10 @@ import numpy as np
 from visrec.config import RecognitionConfig
 from visrec.inference.detection_post import nms
 from visrec.inference.detector import Detector
+from visrec.inference.export import ONNX_FILE
 from visrec.inference.extractor import Extractor
 from visrec.index.gallery import Gallery
+from visrec.index.label_scores import label_hits
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +52,17 @@ class Timings:
                 "images": self.images, "boxes": self.boxes}
 
 
+def load_detector(rec_cfg: RecognitionConfig) -> Detector | None:
+    """The exported mainbody detector ``recognition.detector`` names (None when it is null)."""
+    if not rec_cfg.detector:
+        return None
+    backend = rec_cfg.detector_backend
+    if backend == "auto":
+        backend = "onnx" if (Path(rec_cfg.detector) / ONNX_FILE).is_file() else rec_cfg.backend
+    return Detector(rec_cfg.detector, backend=backend, num_threads=rec_cfg.num_threads,
+                    score_threshold=rec_cfg.det_threshold, max_det=rec_cfg.max_det)
+
+
 class RecognitionSystem:
     def __init__(self, extractor: Extractor, gallery: Gallery, detector: Detector | None = None,
                  settings: RecognitionConfig | None = None):
@@ -64,10 +80,7 @@ class RecognitionSystem:
     def from_config(cls, rec_cfg: RecognitionConfig, gallery: Gallery | None = None) -> RecognitionSystem:
         """Load the exported models and the gallery named in a ``RecognitionConfig``."""
         extractor = Extractor(rec_cfg.extractor, backend=rec_cfg.backend, num_threads=rec_cfg.num_threads)
-        detector = None
-        if rec_cfg.detector:
-            detector = Detector(rec_cfg.detector, backend=rec_cfg.backend, num_threads=rec_cfg.num_threads,
-                                score_threshold=rec_cfg.det_threshold, max_det=rec_cfg.max_det)
+        detector = load_detector(rec_cfg)
         if gallery is None:
             gallery = Gallery.load(rec_cfg.gallery, expected_fingerprint=extractor.fingerprint,
                                    num_threads=rec_cfg.num_threads)
@@ -133,7 +146,10 @@ class RecognitionSystem:
         if len(gallery) == 0:
             raise ValueError("the gallery is empty: add images first (`visrec gallery add LIST`)")
         start = time.perf_counter()
-        hits = gallery.search(features, int(top_k or self.settings.top_k))
+        k = int(top_k or self.settings.top_k)
+        neighbours = gallery.search(features, max(k, int(self.settings.search_k)))
+        counts = gallery.label_counts()
+        hits = [label_hits(row, counts, self.settings.class_top_m)[:k] for row in neighbours]
         self.timings.search += time.perf_counter() - start
         return self._select(boxes, hits, self.threshold if threshold is None else float(threshold), return_topk)
 

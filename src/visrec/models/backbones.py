@@ -114,7 +114,9 @@ class GeM(nn.Layer):
         self.eps = eps
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        pooled = paddle.clip(x, min=self.eps).pow(self.p).mean(axis=[2, 3])
+        # adaptive_avg_pool2d, not mean(): Paddle Inference's oneDNN reduce_mean prints a line
+        # ("ReduceMeanCheckIfOneDNNSupport") to stdout, which would corrupt `visrec recognize`'s JSON.
+        pooled = paddle.flatten(nn.functional.adaptive_avg_pool2d(paddle.clip(x, min=self.eps).pow(self.p), 1), 1)
         return pooled.pow(1.0 / self.p)
 
 

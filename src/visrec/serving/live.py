@@ -31,6 +31,7 @@ import numpy as np
 
 from visrec.config import Config
 from visrec.index.gallery import Gallery, UnknownIdError, update_lock
+from visrec.inference.gallery_ops import best_boxes, check_views, view_boxes
 from visrec.inference.pipeline import RecognitionSystem
 from visrec.serving.champion import current_champion, served_recognition
 from visrec.utils.fs import resolve_under
@@ -126,23 +127,35 @@ class LiveRecognition:
 
     def add_images(self, arrays: Sequence[np.ndarray], labels: Sequence[str],
                    stored: Sequence[Path | None]) -> tuple[list[int], Gallery]:
-        """Embed whole images and add them under ``labels`` (metadata: source, time, stored path).
+        """Embed images as their gallery views (``recognition.gallery_views``, as ``visrec gallery
+        add`` does) and add them under ``labels`` (metadata: source, time, stored path, view).
 
         Raises ValueError (nothing added) if any image gives no usable embedding."""
         system, _ = self.refresh()
-        vectors = self.embed(arrays, system)
+        views = self.settings.gallery_views
+        check_views(views)
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        crops, entry_labels, metadata = [], [], []
+        with self.model_lock:
+            detected = (best_boxes(system.detector, arrays) if system.detector is not None and "object" in views
+                        else [None] * len(arrays))
+        for array, label, path, box in zip(arrays, labels, stored, detected, strict=True):
+            for view, view_box in view_boxes(views, None, box):
+                crops.append(array if view_box is None else system.extractor.crop(array, view_box))
+                entry_labels.append(label)
+                metadata.append({"source": "api", "added": now, "view": view,
+                                 **({"path": str(path)} if path is not None else {}),
+                                 **({"box": [round(v, 2) for v in view_box]} if view_box is not None else {})})
+        vectors = self.embed(crops, system)
         norms = np.linalg.norm(vectors, axis=1)
         if not np.all(np.isfinite(norms) & (norms > 1e-6)):
             raise ValueError("the extractor gives no usable embedding for some of these images; nothing was added")
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        metadata: list[dict[str, Any]] = [
-            {"source": "api", "added": now, **({"path": str(p)} if p is not None else {})} for p in stored]
         fingerprint = system.extractor.fingerprint
 
         def change(gallery: Gallery) -> list[int]:
             if gallery.fingerprint and gallery.fingerprint != fingerprint:  # promoted while we embedded
                 raise RuntimeError("the champion changed while these images were embedded; send them again")
-            return gallery.add(vectors, list(labels), metadata)
+            return gallery.add(vectors, entry_labels, metadata)
 
         return self.mutate(change)
 

@@ -20,7 +20,7 @@ import paddle
 
 from visrec.config import ExtractorConfig
 from visrec.data.cub import read_cub
-from visrec.data.datasets import RetrievalDataset, make_loader
+from visrec.data.datasets import RetrievalDataset, make_loader, read_list
 from visrec.data.samplers import PKSampler
 from visrec.data.transforms import build_transforms, train_resize_size
 from visrec.inference.embedding import dygraph_embed_fn, embed_dataset
@@ -152,25 +152,61 @@ def train_extractor(cfg: ExtractorConfig, raw_root: Path, split_dir: Path, out_d
     return model, state
 
 
+def finetune_allowed(cfg: ExtractorConfig, real_photos: bool) -> tuple[bool, str]:
+    """Whether training may change the weights, and why (``extractor.finetune``)."""
+    if cfg.finetune == "never":
+        return False, "extractor.finetune is never"
+    if not cfg.backbone.get("pretrained") and not cfg.pretrained:
+        return True, "no pretrained weights: training is the only way to a usable model"
+    if cfg.finetune == "real_only" and not real_photos:
+        return False, ("the training photos are synthetic (data.source: synthetic) and extractor.finetune is "
+                       "real_only: shapes cannot teach the pretrained backbone what holds on real photos")
+    return True, f"extractor.finetune is {cfg.finetune}"
+
+
+def keep_pretrained(cfg: ExtractorConfig, raw_root: Path, split_dir: Path, out_dir: Path) -> TrainerState:
+    """A finished run with no training: the pretrained network saved as ``latest`` and ``best_model``."""
+    from visrec.training.checkpoint import save_checkpoint
+
+    class_num = len({e.label for e in read_list(Path(split_dir) / "train_list.txt")})
+    paddle.seed(cfg.seed)  # the (unused) head's initial weights are part of the checkpoint: keep them fixed
+    model = build_model(cfg, class_num=class_num)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MODEL_CONFIG_FILE).write_text(json.dumps(model_config(cfg, class_num), indent=2) + "\n")
+    state = TrainerState()
+    for name in ("latest", "best_model"):
+        save_checkpoint(out_dir / "checkpoints" / name, model, None, state)
+    return state
+
+
 def run_training(cfg: ExtractorConfig, raw_root: Path, split_dir: Path, out_dir: Path,
-                 metrics_file: Path) -> dict[str, Any]:
+                 metrics_file: Path, real_photos: bool = True) -> dict[str, Any]:
     """Train in ``<out_dir>.run/`` and promote it to ``out_dir`` only when training completes.
 
     A failed or killed run therefore leaves the last good ``out_dir`` in place, and its
-    own checkpoints in the work directory for ``resume: latest``.
+    own checkpoints in the work directory for ``resume: latest``. When ``extractor.finetune``
+    forbids training on these photos (``real_photos`` false: the synthetic generator), the
+    finished run holds the pretrained network unchanged.
     """
     main = is_main_process()  # under paddle.distributed.launch only rank 0 touches files
     work_dir, resume = prepare_work_dir(out_dir, cfg.resume, "extractor", main)
     cfg = dataclasses.replace(cfg, resume=resume)
     start = time.perf_counter()
-    _, state = train_extractor(cfg, raw_root, split_dir, work_dir)
-    summary = {"best_recall@1": state.best_metric, "best_epoch": state.best_epoch, "epochs": state.epoch,
+    finetune, reason = finetune_allowed(cfg, real_photos)
+    if finetune:
+        _, state = train_extractor(cfg, raw_root, split_dir, work_dir)
+    else:
+        logger.info("not training the extractor: %s; the published extractor is the pretrained %s",
+                    reason, cfg.backbone.get("name"))
+        state = keep_pretrained(cfg, raw_root, split_dir, work_dir) if main else TrainerState()
+    summary = {"finetuned": finetune, "finetune_reason": reason,
+               "best_recall@1": state.best_metric, "best_epoch": state.best_epoch, "epochs": state.epoch,
                "train_minutes": round((time.perf_counter() - start) / 60, 2),
                **{f"final_{k}": round(v, 6) for k, v in state.metrics.items()}}
     if main:
         write_json(work_dir / "summary.json", summary)
         replace_dir(work_dir, out_dir)
-        write_json(metrics_file, summary)
+        write_json(metrics_file, {k: v for k, v in summary.items() if k != "finetune_reason"})  # numbers only
     return summary
 
 
