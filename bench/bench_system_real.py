@@ -7,7 +7,8 @@ or ``--extractor`` / ``--detector``), then recognises every other photo of those
 the code of ``visrec recognize`` and prints:
 
 - top-1: the label of each photo's best-scoring result, before any threshold;
-- the share of photos the served threshold would reject (no result at all);
+- the share of photos the served threshold would reject (no result at all): a gallery built from a
+  list carries no calibration, so it is ``recognition.score_threshold``, else ``default_threshold``;
 - ms per photo: decode + detect + embed + search + the rest (``summary.json`` splits it);
 - the detector's AP50 / COCO mAP on the query photos (pycocotools, CUB's boxes);
 - the same flow with the whole photo only (``--no-whole-only`` skips it), for the cost and
@@ -75,7 +76,7 @@ def run_system(cfg, rec, gallery_items, queries, cub_dir: Path, progress: bool) 
         detector=load_detector(rec) if "object" in rec.gallery_views else None, **index_params(cfg.index))
     build_s = time.perf_counter() - start
     system = RecognitionSystem.from_config(rec, gallery=gallery)
-    threshold = served_threshold(rec)
+    threshold = system.threshold  # what `visrec recognize` applies after `visrec gallery build`
     rows, wall = [], 0.0
     for image, label in tqdm(queries, desc="recognising", disable=not progress, leave=False):
         start = time.perf_counter()
@@ -101,19 +102,6 @@ def _extractor(rec):
     from visrec.inference.extractor import Extractor
 
     return Extractor(rec.extractor, backend=rec.backend, num_threads=rec.num_threads)
-
-
-def served_threshold(rec) -> float:
-    """The threshold the served system uses: params, else the served gallery's calibrated one."""
-    from visrec.index.gallery import Gallery
-
-    if rec.score_threshold is not None:
-        return float(rec.score_threshold)
-    try:
-        calibrated = Gallery.load(rec.gallery).meta_extra.get("threshold")
-    except FileNotFoundError:
-        calibrated = None
-    return float(calibrated) if calibrated is not None else float(rec.default_threshold)
 
 
 def detector_ap(rec, meta, queries, cub_dir: Path, progress: bool) -> dict:
@@ -203,7 +191,8 @@ def main() -> None:
     for name, run in runs.items():
         print(f"{name:<24} {run['top1']:6.3f} {run['rejected']:9.3f} {run['ms_per_photo']:9.1f} "
               f"{run['boxes_per_photo']:6.2f} {run['gallery_entries']:8d} {run['gallery_build_s']:8.1f}")
-    print(f"(rejected: best score under the served threshold {next(iter(runs.values()))['threshold']:.3f})")
+    print(f"(rejected: best score under the threshold the new gallery is served with, "
+          f"{next(iter(runs.values()))['threshold']:.3f}: recognition.score_threshold, else default_threshold)")
     if rec.detector:
         det = detector_ap(rec, meta, queries, args.cub_dir, True)
         print(f"detector on the {len(queries)} query photos: AP50 {det['det_AP50']:.3f}, "

@@ -307,7 +307,7 @@ class RecognitionConfig:
     # ONNX Runtime runs the small detector at ~1 ms a photo where Paddle Inference takes ~5 ms.
     detector_backend: Literal["auto", "paddle", "onnx"] = "auto"
     num_threads: int = 2
-    det_threshold: float = 0.4  # mainbody boxes kept above this detector score
+    det_threshold: float = 0.5  # mainbody boxes kept above this detector score
     max_det: int = 5  # mainbody boxes per image, as PP-ShiTu
     whole_image_box: bool = True  # also recognise the whole image, as PP-ShiTu does
     top_k: int = 5  # gallery candidates searched per box

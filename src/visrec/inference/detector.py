@@ -89,6 +89,18 @@ def split_outputs(outputs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray
     return boxes[0], scores[0]
 
 
+def exported_predict_fn(model, model_config: dict[str, Any], work_dir: str | Path,
+                        num_threads: int = 2) -> DensePredictFn:
+    """Dense predictions of ``model`` through Paddle Inference: exported into ``work_dir`` first.
+
+    5-6x faster than eager Paddle on this CPU (the known trap), for evaluations over many
+    photos; the export is the one the export stage makes, so the boxes are the served ones.
+    """
+    export_detector(model, model_config, work_dir, onnx=False)
+    predictor = Predictor(work_dir, backend="paddle", num_threads=num_threads)
+    return lambda batch: split_outputs(predictor(batch))
+
+
 def dygraph_predict_fn(model) -> DensePredictFn:
     """Dense predictions of a dygraph ``MainbodyDetector`` (eval mode, no grad)."""
     def predict(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

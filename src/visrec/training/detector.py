@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -28,7 +29,7 @@ from visrec.config import DetectorConfig
 from visrec.data.datasets import load_image
 from visrec.data.det_dataset import DetectionDataset, make_detection_loader
 from visrec.inference.detection_post import postprocess
-from visrec.inference.detector import DensePredictFn, dygraph_predict_fn
+from visrec.inference.detector import DensePredictFn, dygraph_predict_fn, exported_predict_fn
 from visrec.metrics.detection import DETECTION_KEYS, coco_detection_metrics
 from visrec.models.backbones import backbone_normalization, load_pretrained
 from visrec.models.detector import DetectionLoss, MainbodyDetector, build_detector, check_input_size
@@ -204,12 +205,15 @@ def write_prediction_sheet(dataset: DetectionDataset, detections: Mapping[int, n
 
 def final_evaluation(model: MainbodyDetector, cfg: DetectorConfig, raw_root: Path, split_dir: Path,
                      out_dir: Path) -> dict[str, Any]:
-    """The whole validation set with ``model``; writes the predictions picture into ``out_dir``."""
+    """The whole validation set with ``model`` (exported: eager Paddle would take minutes); writes
+    the predictions picture into ``out_dir``."""
     dataset = make_dataset(cfg, raw_root, split_dir / VAL_COCO, train=False)
     dataset.preload()
     model.eval()
-    metrics, detections = evaluate_detector(dygraph_predict_fn(model), dataset, cfg.eval_batch_size,
-                                            postprocess_params(cfg), progress=True)
+    with tempfile.TemporaryDirectory(prefix="visrec-det-eval-") as tmp:
+        predict = exported_predict_fn(model, model_config(cfg), Path(tmp) / "detector")
+        metrics, detections = evaluate_detector(predict, dataset, cfg.eval_batch_size, postprocess_params(cfg),
+                                                progress=True)
     write_prediction_sheet(dataset, detections, out_dir / PREDICTIONS_PNG, cfg.vis_images)
     logger.info("final evaluation on %d validation images: %s", len(dataset),
                 ", ".join(f"{k} {metrics[k]:.4f}" for k in DETECTION_KEYS))
