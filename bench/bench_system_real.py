@@ -40,6 +40,7 @@ from visrec.data.datasets import load_image
 from visrec.data.split import coco_for
 from visrec.evaluation.system_eval import class_label
 from visrec.index.build import index_params
+from visrec.inference.extractor import Extractor
 from visrec.inference.gallery_ops import GalleryItem, build_gallery
 from visrec.inference.pipeline import RecognitionSystem, load_detector
 from visrec.metrics.detection import coco_detection_metrics
@@ -69,13 +70,17 @@ def pick(cub_dir: Path, train_classes: int, per_class: int, seed: int):
 
 def run_system(cfg, rec, gallery_items, queries, cub_dir: Path, progress: bool) -> dict:
     """Gallery build + recognition of every query with one recognition config."""
+    # The models are loaded once: the gallery is built with the very extractor and detector
+    # that then recognise (what `visrec gallery build` + `visrec recognize` load, each once).
+    extractor = Extractor(rec.extractor, backend=rec.backend, num_threads=rec.num_threads)
+    detector = load_detector(rec)
     start = time.perf_counter()
     gallery = build_gallery(
-        _extractor(rec), gallery_items, cfg.index.index_type, rec.num_threads, cfg.index.batch_size, progress=progress,
+        extractor, gallery_items, cfg.index.index_type, rec.num_threads, cfg.index.batch_size, progress=progress,
         meta_extra={"source": "bench_system_real"}, views=rec.gallery_views,
-        detector=load_detector(rec) if "object" in rec.gallery_views else None, **index_params(cfg.index))
+        detector=detector if "object" in rec.gallery_views else None, **index_params(cfg.index))
     build_s = time.perf_counter() - start
-    system = RecognitionSystem.from_config(rec, gallery=gallery)
+    system = RecognitionSystem(extractor, gallery, detector, rec)
     threshold = system.threshold  # what `visrec recognize` applies after `visrec gallery build`
     rows, wall = [], 0.0
     for image, label in tqdm(queries, desc="recognising", disable=not progress, leave=False):
@@ -96,12 +101,6 @@ def run_system(cfg, rec, gallery_items, queries, cub_dir: Path, progress: bool) 
                          for k in ("detect", "extract", "search", "rest")},
             "boxes_per_photo": timings["boxes"] / max(1, timings["images"]),
             "gallery_entries": len(gallery), "gallery_build_s": build_s}
-
-
-def _extractor(rec):
-    from visrec.inference.extractor import Extractor
-
-    return Extractor(rec.extractor, backend=rec.backend, num_threads=rec.num_threads)
 
 
 def detector_ap(rec, meta, queries, cub_dir: Path, progress: bool) -> dict:

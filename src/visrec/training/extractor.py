@@ -164,7 +164,7 @@ def finetune_allowed(cfg: ExtractorConfig, real_photos: bool) -> tuple[bool, str
     return True, f"extractor.finetune is {cfg.finetune}"
 
 
-def keep_pretrained(cfg: ExtractorConfig, raw_root: Path, split_dir: Path, out_dir: Path) -> TrainerState:
+def keep_pretrained(cfg: ExtractorConfig, split_dir: Path, out_dir: Path) -> TrainerState:
     """A finished run with no training: the pretrained network saved as ``latest`` and ``best_model``."""
     from visrec.training.checkpoint import save_checkpoint
 
@@ -198,7 +198,7 @@ def run_training(cfg: ExtractorConfig, raw_root: Path, split_dir: Path, out_dir:
     else:
         logger.info("not training the extractor: %s; the published extractor is the pretrained %s",
                     reason, cfg.backbone.get("name"))
-        state = keep_pretrained(cfg, raw_root, split_dir, work_dir) if main else TrainerState()
+        state = keep_pretrained(cfg, split_dir, work_dir) if main else TrainerState()
     summary = {"finetuned": finetune, "finetune_reason": reason,
                "best_recall@1": state.best_metric, "best_epoch": state.best_epoch, "epochs": state.epoch,
                "train_minutes": round((time.perf_counter() - start) / 60, 2),
