@@ -160,11 +160,39 @@ def test_instances_of_a_class_vary() -> None:
 @pytest.mark.parametrize("field,value", [
     ("num_classes", 0), ("images_per_class", 0), ("image_size", 16),
     ("occlusion_prob", 1.5), ("clutter_shapes", -1), ("workers", -2),
+    ("object_scale", [0.9, 0.5]), ("object_scale", [0.5]), ("texture", 1.5),
 ])
 def test_bad_config_is_refused_with_the_field_named(tmp_path: Path, field: str, value) -> None:
     with pytest.raises(ConfigError, match=field):
         generate(tmp_path, _tiny(**{field: value}), progress=False)
     assert not (tmp_path / CUB_DIRNAME).exists()
+
+
+def test_objects_larger_than_the_frame_are_cut_by_it_and_boxed_as_seen() -> None:
+    recipes = make_recipes(6, 0)
+    for i, recipe in enumerate(recipes):
+        image, mask = render_instance(recipe, instance_rng(0, recipe.class_id, i), 64, clutter_shapes=0,
+                                      occlusion_prob=0.0, object_scale=(1.3, 1.5))
+        x, y, w, h = mask_box(mask)
+        assert x == 0 or y == 0 or x + w == 64 or y + h == 64  # the frame cuts the object
+        assert mask.mean() > 0.1
+
+
+def _background_detail(texture: float) -> float:
+    """Mean |Laplacian| of backdrop pixels well away from the object, over a few images."""
+    recipe = make_recipes(1, 0)[0]
+    detail = []
+    for i in range(4):
+        image, mask = render_instance(recipe, instance_rng(0, 1, i), 96, clutter_shapes=0,
+                                      occlusion_prob=0.0, texture=texture)
+        far = ~cv2.dilate(mask.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+        grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32)
+        detail.append(np.abs(cv2.Laplacian(grey, cv2.CV_32F))[far].mean())
+    return float(np.mean(detail))
+
+
+def test_texture_adds_photo_like_detail_to_the_backdrop() -> None:
+    assert _background_detail(1.0) > 1.3 * _background_detail(0.0)
 
 
 def test_refuses_to_overwrite_a_filled_folder(tiny_root: Path) -> None:

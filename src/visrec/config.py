@@ -59,6 +59,9 @@ class SyntheticConfig:
     seed: int = 0
     occlusion_prob: float = 0.25
     clutter_shapes: int = 12
+    # longest object side / image side; above 1 the object is cut by the frame
+    object_scale: list[float] = field(default_factory=lambda: [0.35, 0.8])
+    texture: float = 0.0  # photo-like detail on backdrop and object, 0..1
     workers: int = 2
 
 

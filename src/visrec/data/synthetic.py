@@ -688,6 +688,35 @@ def _lighting(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def _octave_noise(rng: np.random.Generator, height: int, width: int, cells: tuple[int, ...]) -> np.ndarray:
+    """Sum of smooth random fields, one per grid of ``cells`` cells: float32, std about 1."""
+    out = np.zeros((height, width), np.float32)
+    for n in cells:
+        grid = rng.normal(0, 1, (n, n)).astype(np.float32)
+        out += cv2.resize(grid, (width, height), interpolation=cv2.INTER_CUBIC)
+    return out / np.float32(math.sqrt(len(cells)))
+
+
+def _textured_backdrop(bg: np.ndarray, rng: np.random.Generator, texture: float) -> np.ndarray:
+    """Photo-like backdrop: fine multi-scale detail (pebbles, leaves, ripples), then a random
+    defocus. Real photos rarely show the flat fields of the shape drawing, and a detector that
+    learned "object = the only detail in the picture" draws loose boxes on them."""
+    size = bg.shape[0]
+    amplitude = np.float32(texture * rng.uniform(8.0, 40.0))
+    luma = _octave_noise(rng, size, size, (8, 16, 32, 64))
+    tint = rng.normal(0, 0.3, 3).astype(np.float32)  # detail is mostly luminance, a little colour
+    bg = bg + amplitude * luma[..., None] * (1.0 + tint)
+    sigma = texture * rng.uniform(0.0, 3.0)
+    return cv2.GaussianBlur(bg, (0, 0), sigma) if sigma > 0.3 else bg
+
+
+def _plumage_texture(shape: tuple[int, int], rng: np.random.Generator, texture: float) -> np.ndarray:
+    """Multiplicative fine detail over the object (feathers), [h, w, 1] float32 around 1."""
+    strength = np.float32(texture * rng.uniform(0.05, 0.25))
+    detail = _octave_noise(rng, shape[0], shape[1], (4, 8, 16))
+    return (1.0 + strength * detail)[..., None]
+
+
 def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     """Tight (x, y, width, height) of the non-zero pixels of ``mask``."""
     ys = np.flatnonzero(mask.any(axis=1))
@@ -698,11 +727,18 @@ def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def render_instance(recipe: BirdRecipe, rng: np.random.Generator, image_size: int,
-                    clutter_shapes: int = 12, occlusion_prob: float = 0.25
+                    clutter_shapes: int = 12, occlusion_prob: float = 0.25,
+                    object_scale: tuple[float, float] = _SCALE, texture: float = 0.0
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """One image of ``recipe``: (RGB uint8 image, bool object mask before occlusion)."""
+    """One image of ``recipe``: (RGB uint8 image, bool object mask before occlusion).
+
+    ``object_scale``: range of the object's longest side over the image side (above 1 the
+    object may leave the frame). ``texture`` (0..1): photo-like detail, see ``_photo_texture``.
+    """
     size = image_size
     bg = _background(rng, size, clutter_shapes, recipe.habitat)
+    if texture > 0:
+        bg = _textured_backdrop(bg, rng, texture)
 
     shapes = _bird_shapes(recipe, _instance_colours(recipe, rng), rng)
     # Pose: class posture + random tilt, random facing, random size and place.
@@ -712,15 +748,18 @@ def render_instance(recipe: BirdRecipe, rng: np.random.Generator, image_size: in
     linear = np.array([[c, -s], [s, c]]) @ np.diag([flip, 1.0])
     pts = _shape_points(shapes) @ linear.T
     lo, hi = pts.min(axis=0), pts.max(axis=0)
-    target = rng.uniform(*_SCALE) * size  # longest side of the object, in pixels
+    target = rng.uniform(*object_scale) * size  # longest side of the object, in pixels
     scale = target / float(max(hi - lo))
     margin = 1.0
+    # room < 0 (an object larger than the frame): it is cut by the frame on a random side
     room = size - 2 * margin - (hi - lo) * scale
-    offset = margin + rng.uniform(0, 1, 2) * np.maximum(room, 0) - lo * scale
+    offset = margin + rng.uniform(0, 1, 2) * room - lo * scale
     transform = np.concatenate([linear * scale, offset[:, None]], axis=1)
 
     colour, alpha, (x0, y0) = _draw_object(shapes, transform, size, scale)
     colour *= _shading(size, (x0, y0), alpha.shape, transform, rng)
+    if texture > 0:
+        colour *= _plumage_texture(alpha.shape, rng, texture)
     img = bg
     region = img[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]]
     region[:] = region * (1 - alpha[..., None]) + colour
@@ -755,11 +794,14 @@ class _Job:
     image_size: int
     clutter_shapes: int
     occlusion_prob: float
+    object_scale: tuple[float, float] = _SCALE
+    texture: float = 0.0
 
 
 def _render_job(job: _Job) -> tuple[int, int, int, int]:
     rng = instance_rng(job.seed, job.recipe.class_id, job.index)
-    image, mask = render_instance(job.recipe, rng, job.image_size, job.clutter_shapes, job.occlusion_prob)
+    image, mask = render_instance(job.recipe, rng, job.image_size, job.clutter_shapes, job.occlusion_prob,
+                                  job.object_scale, job.texture)
     job.path.write_bytes(_encode_jpeg(image))
     return mask_box(mask)
 
@@ -784,6 +826,10 @@ def _check_config(cfg: SyntheticConfig) -> None:
         problems.append(f"occlusion_prob={cfg.occlusion_prob} (need 0..1)")
     if cfg.clutter_shapes < 0:
         problems.append(f"clutter_shapes={cfg.clutter_shapes} (need >= 0)")
+    if len(cfg.object_scale) != 2 or not 0.05 <= cfg.object_scale[0] <= cfg.object_scale[1] <= 2.0:
+        problems.append(f"object_scale={cfg.object_scale} (need [low, high], 0.05 <= low <= high <= 2)")
+    if not 0.0 <= cfg.texture <= 1.0:
+        problems.append(f"texture={cfg.texture} (need 0..1)")
     if cfg.workers < 0:
         problems.append(f"workers={cfg.workers} (need >= 0; 0 or 1 runs in-process)")
     if problems:
@@ -809,7 +855,8 @@ def generate(dest_parent: Path, cfg: SyntheticConfig, progress: bool = True) -> 
         (images_dir / recipe.folder).mkdir(parents=True, exist_ok=True)
         for index in range(cfg.images_per_class):
             jobs.append(_Job(recipe, index, images_dir / recipe.folder / image_filename(recipe, index),
-                             cfg.seed, cfg.image_size, cfg.clutter_shapes, cfg.occlusion_prob))
+                             cfg.seed, cfg.image_size, cfg.clutter_shapes, cfg.occlusion_prob,
+                             (float(cfg.object_scale[0]), float(cfg.object_scale[1])), cfg.texture))
 
     bar = dict(total=len(jobs), desc="synthetic images", unit="img", disable=not progress)
     if cfg.workers <= 1:

@@ -11,6 +11,7 @@ is written for a few validation images.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import tempfile
@@ -137,7 +138,10 @@ def build_loss(cfg: DetectorConfig) -> DetectionLoss:
 
 def train_detector(cfg: DetectorConfig, raw_root: Path, split_dir: Path, out_dir: Path,
                    epoch_callback=None) -> tuple[MainbodyDetector, TrainerState, dict[str, Any]]:
-    """Train in ``out_dir`` (checkpoints, history.csv, model_config.json); returns model, state, data stats."""
+    """Train in ``out_dir`` (checkpoints, history.csv, model_config.json); returns model, state, data stats.
+
+    ``epoch_callback(epoch, row, model)`` runs after each epoch (e.g. scoring on other data).
+    """
     raw_root, split_dir, out_dir = Path(raw_root), Path(split_dir), Path(out_dir)
     paddle.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -157,7 +161,8 @@ def train_detector(cfg: DetectorConfig, raw_root: Path, split_dir: Path, out_dir
     logger.info("training the detector on %d images (%d batches of %d per epoch), validating on %d",
                 len(train_ds), len(sampler), cfg.batch_size, len(eval_ds))
     trainer = Trainer(model, task, loader, optimizer, scheduler, out_dir, engine_cfg,
-                      epoch_aware=[sampler, train_ds], on_epoch_end=epoch_callback)
+                      epoch_aware=[sampler, train_ds],
+                      on_epoch_end=None if epoch_callback is None else functools.partial(epoch_callback, model=model))
     state = trainer.fit()
     stats = {"train_images": len(train_ds), "skipped_train": sum(train_ds.skipped.values()),
              "val_subset_images": len(eval_ds)}
