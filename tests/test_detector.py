@@ -80,7 +80,7 @@ def tiny_config(**extra) -> DetectorConfig:
         "image": {"size": 64},
         "assign": {"size_ranges": RANGES},
         "optimizer": {"lr": 0.01, "warmup_epochs": 0.0},
-        "batch_size": 4, "epochs": 3, "eval_every": 3, "eval_batch_size": 8, "vis_images": 2,
+        "batch_size": 4, "epochs": 3, "min_steps": 0, "eval_every": 3, "eval_batch_size": 8, "vis_images": 2,
         "score_threshold": 0.0, "seed": 3,
     }
     raw.update(extra)
@@ -541,3 +541,12 @@ def test_freezing_a_random_backbone_is_refused():
 
     with pytest.raises(ValueError, match="no pretrained weights"):
         build_model(tiny_config(freeze_backbone=True))
+
+
+def test_small_data_sets_train_for_at_least_min_steps() -> None:
+    from visrec.training.detector import epochs_for
+
+    assert epochs_for(5, 450, 93) == 5    # the generated set: 465 steps already
+    assert epochs_for(5, 450, 47) == 10   # 25 real species: 470 steps
+    assert epochs_for(5, 0, 10) == 5      # off
+    assert epochs_for(5, 450, 0) == 5     # no batches: nothing to stretch

@@ -252,6 +252,7 @@ class DetectorConfig:
         name="adamw", lr=0.004, weight_decay=0.0001, warmup_epochs=0.5, milestones=[]))
     batch_size: int = 32
     epochs: int = 6
+    min_steps: int = 450  # more epochs when the data set is small (see training/detector.epochs_for)
     eval_every: int = 2
     eval_images: int = 500  # validation images evaluated during training (0 = all); the final one uses all
     eval_batch_size: int = 64

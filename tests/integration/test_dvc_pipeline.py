@@ -30,6 +30,7 @@ TINY = {
     "detector.assign": {"size_ranges": [[0.0, 32.0], [16.0, 64.0], [32.0, 100000.0]]},
     "detector.batch_size": 4,
     "detector.epochs": 2,
+    "detector.min_steps": 0,
     "detector.eval_every": 1,
     "detector.vis_images": 2,
     "index.gallery_per_class": 2,

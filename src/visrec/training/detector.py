@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Mapping
@@ -131,6 +132,17 @@ class DetectorTask:
         return metrics
 
 
+def epochs_for(epochs: int, min_steps: int, steps_per_epoch: int) -> int:
+    """``epochs``, raised so that training takes at least ``min_steps`` optimizer steps.
+
+    A small data set needs more passes: 25 real CUB species are 47 batches an epoch against
+    93 for the generated set, and 5 epochs on them gave real AP50 0.91 where 10 gave 0.956.
+    """
+    if steps_per_epoch <= 0 or min_steps <= 0:
+        return epochs
+    return max(epochs, math.ceil(min_steps / steps_per_epoch))
+
+
 def build_loss(cfg: DetectorConfig) -> DetectionLoss:
     return DetectionLoss(cfg.strides, cfg.assign.size_ranges, cfg.assign.center_radius, cfg.qfl_beta,
                          cfg.giou_weight)
@@ -151,6 +163,11 @@ def train_detector(cfg: DetectorConfig, raw_root: Path, split_dir: Path, out_dir
     loader, sampler = make_detection_loader(train_ds, cfg.batch_size, cfg.seed, cfg.image.num_workers)
     eval_ds.preload()
 
+    epochs = epochs_for(cfg.epochs, cfg.min_steps, len(sampler))
+    if epochs != cfg.epochs:
+        logger.info("%d epochs instead of %d: %d batches an epoch, detector.min_steps %d",
+                    epochs, cfg.epochs, len(sampler), cfg.min_steps)
+        cfg = dataclasses.replace(cfg, epochs=epochs)
     scheduler = build_scheduler(cfg.optimizer, len(sampler), cfg.epochs)
     optimizer = build_optimizer(cfg.optimizer, param_groups(model, cfg.optimizer.backbone_lr_mult), scheduler)
     engine_cfg = EngineConfig(epochs=cfg.epochs, eval_every=cfg.eval_every, keep_last=cfg.keep_last,
