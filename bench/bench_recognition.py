@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 
 from visrec.config import load_config
-from visrec.data.datasets import load_image
+from visrec.imaging import load_image
 from visrec.index.build import QUERIES, read_queries
 from visrec.inference.pipeline import RecognitionSystem
 from visrec.utils.logs import setup_logging

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from visrec.config import load_config
 from visrec.data.cub import read_cub
-from visrec.data.datasets import load_image
+from visrec.imaging import load_image
 from visrec.data.split import coco_for
 from visrec.evaluation.system_eval import class_label
 from visrec.index.build import index_params

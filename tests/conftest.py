@@ -53,8 +53,7 @@ def exported_models(tiny_cub, tmp_path_factory):
     import paddle
 
     from visrec.config import config_from_dict
-    from visrec.data.datasets import load_image
-    from visrec.inference.detection_post import normalize_chw
+    from visrec.imaging import load_image, normalize_chw
     from visrec.inference.detector import export_detector
     from visrec.inference.export import export_extractor
     from visrec.models.detector import build_detector

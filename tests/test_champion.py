@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from visrec.config import config_from_dict
-from visrec.data.datasets import load_image
+from visrec.imaging import load_image
 from visrec.index.gallery import Gallery, UnknownIdError
 from visrec.inference.extractor import Extractor
 from visrec.inference.gallery_ops import GalleryItem

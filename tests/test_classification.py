@@ -29,7 +29,7 @@ from visrec.classification.mixing import mix_batch, one_hot, soft_cross_entropy
 from visrec.classification.predict import ClassifierPredictor, export_run, top_k_entries
 from visrec.config import config_from_dict
 from visrec.data.cub import read_cub
-from visrec.data.datasets import load_image
+from visrec.imaging import load_image
 from visrec.training.engine import EngineConfig
 
 pytestmark = pytest.mark.slow

@@ -9,16 +9,9 @@ import numpy as np
 import pytest
 
 from visrec.data import datasets as ds
-from visrec.data.datasets import (
-    ImageReadError,
-    ListFileError,
-    RetrievalDataset,
-    crop_box,
-    load_image,
-    make_loader,
-    read_list,
-)
+from visrec.data.datasets import ListFileError, RetrievalDataset, make_loader, read_list
 from visrec.data.samplers import PKSampler
+from visrec.imaging import ImageReadError, crop_box, load_image
 from visrec.data.transforms import (
     CenterCrop,
     ColorJitter,

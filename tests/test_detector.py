@@ -13,7 +13,7 @@ import paddle
 import pytest
 
 from visrec.config import DetectorConfig, config_from_dict
-from visrec.data.datasets import ImageReadError, load_image
+from visrec.imaging import ImageReadError, load_image
 from visrec.data.det_dataset import (
     CropKeepingBoxes,
     DetectionDataError,
@@ -24,14 +24,8 @@ from visrec.data.det_dataset import (
     collate_detection,
     read_coco,
 )
-from visrec.inference.detection_post import (
-    ResizeInfo,
-    box_iou,
-    nms,
-    postprocess,
-    resize_geometry,
-    resize_to_input,
-)
+from visrec.imaging import ResizeInfo, resize_geometry, resize_to_input
+from visrec.inference.detection_post import box_iou, nms, postprocess
 from visrec.inference.detector import Detector, dygraph_predict_fn, export_detector, split_outputs
 from visrec.inference.export import read_model_json
 from visrec.metrics.detection import coco_detection_metrics

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from visrec.data.cub import read_cub
-from visrec.data.datasets import load_image
+from visrec.imaging import load_image
 from visrec.index.gallery import Gallery
 from visrec.inference.extractor import Extractor
 from visrec.inference.gallery_ops import GalleryItem, build_gallery

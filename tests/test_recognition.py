@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from visrec.cli import app
 from visrec.config import RecognitionConfig
 from visrec.data.cub import read_cub
-from visrec.data.datasets import load_image, read_list
+from visrec.data.datasets import read_list
+from visrec.imaging import load_image
 from visrec.evaluation.system_eval import (
     choose_threshold,
     class_label,

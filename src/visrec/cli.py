@@ -119,7 +119,7 @@ def recognize(
     override: OverrideOpt = None,
 ) -> None:
     """Recognise the objects in images: one JSON line per image."""
-    from visrec.data.datasets import load_image
+    from visrec.imaging import load_image
     from visrec.inference.pipeline import RecognitionSystem
     from visrec.inference.visualize import save_visualization
 
@@ -150,7 +150,7 @@ def extract(
     override: OverrideOpt = None,
 ) -> None:
     """Print the L2-normalised embedding of an image (the whole image) as JSON."""
-    from visrec.data.datasets import load_image
+    from visrec.imaging import load_image
     from visrec.inference.extractor import Extractor
 
     cfg = _served_config(params, override)

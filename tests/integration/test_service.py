@@ -164,7 +164,7 @@ def test_gallery_image_is_recognised_as_its_label(server, gallery_images, export
     # scores ~1 (same image, whole-image box), and the service answers exactly what the
     # in-process RecognitionSystem answers for the same bytes and params.
     from visrec.config import load_config
-    from visrec.data.datasets import load_image
+    from visrec.imaging import load_image
     from visrec.inference.pipeline import RecognitionSystem
 
     label, paths = next(iter(gallery_images.items()))

@@ -19,7 +19,7 @@ import numpy as np
 from visrec.classification.data import class_names_from, load_class_map
 from visrec.classification.evaluate import ProbsFn, dygraph_probs_fn
 from visrec.classification.model import Classifier, ProbabilityNet
-from visrec.data.datasets import load_image
+from visrec.imaging import load_image
 from visrec.data.transforms import build_transforms
 from visrec.inference.export import export_layer, input_meta
 

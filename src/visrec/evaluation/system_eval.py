@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from visrec.data.cub import CubImage, CubMeta
-from visrec.data.datasets import load_image
+from visrec.imaging import load_image
 from visrec.index.gallery import Gallery
 from visrec.inference.gallery_ops import GalleryItem
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from visrec.data.datasets import load_image
+from visrec.imaging import load_image
 from visrec.index.gallery import Gallery
 from visrec.index.listfile import read_list_file
 from visrec.inference.detector import Detector
