@@ -12,7 +12,7 @@ from visrec.evaluation.retrieval_eval import evaluate_extractor
 from visrec.evaluation.system_eval import REPORT, evaluate_recognition
 from visrec.index.build import QUERIES, read_queries
 from visrec.registry import register_candidates
-from visrec.training.extractor import MODEL_CONFIG_FILE
+from visrec.training.extractor_training import MODEL_CONFIG_FILE
 from visrec.utils.fs import atomic_dir, write_json
 from visrec.utils.stage import main
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from visrec.config import Config
 from visrec.data.cub import CUB_DIRNAME
-from visrec.training.extractor import run_training
+from visrec.training.extractor_training import run_training
 from visrec.utils.stage import main
 
 

@@ -54,12 +54,12 @@ def exported_models(tiny_cub, tmp_path_factory):
 
     from visrec.config import config_from_dict
     from visrec.imaging import load_image, normalize_chw
-    from visrec.inference.detector import export_detector
+    from visrec.inference.detector_runtime import export_detector
     from visrec.inference.export import export_extractor
     from visrec.models.detector import build_detector
     from visrec.models.extractor import build_rec_model
     from visrec.training import detector as det_training
-    from visrec.training import extractor as ext_training
+    from visrec.training import extractor_training as ext_training
 
     root, _ = tiny_cub
     out = tmp_path_factory.mktemp("exported")
@@ -100,7 +100,7 @@ def pipeline_repo(tmp_path, exported_models, tiny_cub):
     import shutil
 
     from visrec.data.cub import read_cub
-    from visrec.inference.extractor import Extractor
+    from visrec.inference.extractor_runtime import Extractor
     from visrec.inference.gallery_ops import GalleryItem, build_gallery
 
     root, _ = tiny_cub

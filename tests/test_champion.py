@@ -11,7 +11,7 @@ import pytest
 from visrec.config import config_from_dict
 from visrec.imaging import load_image
 from visrec.index.gallery import Gallery, UnknownIdError
-from visrec.inference.extractor import Extractor
+from visrec.inference.extractor_runtime import Extractor
 from visrec.inference.gallery_ops import GalleryItem
 from visrec.serving.champion import (
     champion_record,

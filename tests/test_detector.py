@@ -26,7 +26,7 @@ from visrec.data.det_dataset import (
 )
 from visrec.imaging import ResizeInfo, resize_geometry, resize_to_input
 from visrec.inference.detection_post import box_iou, nms, postprocess
-from visrec.inference.detector import Detector, dygraph_predict_fn, export_detector, split_outputs
+from visrec.inference.detector_runtime import Detector, dygraph_predict_fn, export_detector, split_outputs
 from visrec.inference.export import read_model_json
 from visrec.metrics.detection import coco_detection_metrics
 from visrec.models.backbones import create_backbone

@@ -363,7 +363,7 @@ def test_pretrained_imagenet_through_the_extractor_config(cache_env):
 def test_normalisation_defaults_to_the_backbones_own():
     from visrec.config import config_from_dict
     from visrec.training.detector import normalization as detector_normalization
-    from visrec.training.extractor import normalization
+    from visrec.training.extractor_training import normalization
 
     lite = config_from_dict({"extractor": {"backbone": {"name": "efficientnet_lite0"}}}).extractor
     assert normalization(lite) == ([127 / 255] * 3, [128 / 255] * 3)

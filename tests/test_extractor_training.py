@@ -11,9 +11,9 @@ from visrec.config import ExtractorConfig, config_from_dict
 from visrec.inference.export import EmbeddingNet, export_extractor, read_model_json, weights_fingerprint
 from visrec.evaluation.retrieval_eval import eval_dataset_for
 from visrec.inference.predictors import Predictor
-from visrec.training import extractor as extractor_mod
+from visrec.training import extractor_training as extractor_mod
 from visrec.training.engine import EngineConfig
-from visrec.training.extractor import load_trained, run_training, train_extractor
+from visrec.training.extractor_training import load_trained, run_training, train_extractor
 
 pytestmark = pytest.mark.slow
 

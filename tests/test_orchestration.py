@@ -15,7 +15,7 @@ import yaml
 from visrec.data.cub import read_cub
 from visrec.imaging import load_image
 from visrec.index.gallery import Gallery
-from visrec.inference.extractor import Extractor
+from visrec.inference.extractor_runtime import Extractor
 from visrec.inference.gallery_ops import GalleryItem, build_gallery
 from visrec.orchestration import (
     notify_service_reload,

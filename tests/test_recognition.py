@@ -23,7 +23,7 @@ from visrec.evaluation.system_eval import (
 )
 from visrec.index.gallery import Gallery, GalleryMismatchError, Hit
 from visrec.index.listfile import write_list_file
-from visrec.inference.extractor import Extractor
+from visrec.inference.extractor_runtime import Extractor
 from visrec.inference.gallery_ops import GalleryItem, build_gallery
 from visrec.inference.pipeline import RecognitionSystem
 from visrec.inference.visualize import draw_results, save_visualization
@@ -165,7 +165,7 @@ def test_real_cub_photo_gives_the_documented_format(exported_models, cub_subset,
     gallery = build_gallery(extractor, [GalleryItem(p, "Black footed Albatross") for p in photos], "FLAT",
                             progress=False)
     system = RecognitionSystem(extractor, gallery, settings=RecognitionConfig(score_threshold=0.0))
-    from visrec.inference.detector import Detector
+    from visrec.inference.detector_runtime import Detector
 
     system.detector = Detector(exported_models[1], score_threshold=0.0)
     results = system.predict(load_image(photos[0]))

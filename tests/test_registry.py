@@ -86,8 +86,8 @@ def test_log_and_register(store, registered, models):
 def test_pyfunc_predicts_like_the_models(store, registered, models):
     import mlflow
 
-    from visrec.inference.detector import Detector
-    from visrec.inference.extractor import Extractor
+    from visrec.inference.detector_runtime import Detector
+    from visrec.inference.extractor_runtime import Extractor
 
     cfg, _ = store
     ext_dir, det_dir = models
@@ -255,7 +255,7 @@ def test_mlflow_promotion_gate(models, tmp_path, monkeypatch):
     cfg.artifact_root = str(tmp_path / "art")
     import shutil
 
-    from visrec.inference.extractor import Extractor
+    from visrec.inference.extractor_runtime import Extractor
     from visrec.inference.gallery_ops import GalleryItem, build_gallery
     from visrec.serving.champion import champion_record
 

@@ -151,7 +151,7 @@ def extract(
 ) -> None:
     """Print the L2-normalised embedding of an image (the whole image) as JSON."""
     from visrec.imaging import load_image
-    from visrec.inference.extractor import Extractor
+    from visrec.inference.extractor_runtime import Extractor
 
     cfg = _served_config(params, override)
     rec = cfg.recognition
@@ -165,7 +165,7 @@ def extract(
 
 
 def _extractor(cfg: Config):
-    from visrec.inference.extractor import Extractor
+    from visrec.inference.extractor_runtime import Extractor
 
     rec = cfg.recognition
     return Extractor(rec.extractor, backend=rec.backend, num_threads=rec.num_threads)

@@ -277,7 +277,7 @@ def update_gallery(images_dir: str | Path, label_file: str | Path,
     """
     from visrec.config import load_config
     from visrec.index.gallery import Gallery, update_lock
-    from visrec.inference.extractor import Extractor
+    from visrec.inference.extractor_runtime import Extractor
     from visrec.inference.gallery_ops import add_items
     from visrec.inference.pipeline import load_detector
     from visrec.serving.champion import served_recognition

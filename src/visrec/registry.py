@@ -105,11 +105,11 @@ class VisrecPyfunc(_PythonModel):
         model_dir = Path(context.artifacts["model_dir"])
         self.kind = _kind_of(model_dir)
         if self.kind == "extractor":
-            from visrec.inference.extractor import Extractor
+            from visrec.inference.extractor_runtime import Extractor
 
             self.model = Extractor(model_dir, backend=self.backend, num_threads=self.num_threads)
         else:
-            from visrec.inference.detector import Detector
+            from visrec.inference.detector_runtime import Detector
 
             self.model = Detector(model_dir, backend=self.backend, num_threads=self.num_threads)
 

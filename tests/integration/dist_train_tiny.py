@@ -10,7 +10,7 @@ import numpy as np
 import paddle
 
 from visrec.config import config_from_dict
-from visrec.training.extractor import train_extractor
+from visrec.training.extractor_training import train_extractor
 
 if __name__ == "__main__":
     raw, split, out = (Path(a) for a in sys.argv[1:4])

@@ -73,7 +73,7 @@ def gallery_images(tiny_cub):
 
 @pytest.fixture(scope="module", params=["1", "0"], ids=["batching-on", "batching-off"])
 def server(request, exported_models, gallery_images, tmp_path_factory):
-    from visrec.inference.extractor import Extractor
+    from visrec.inference.extractor_runtime import Extractor
     from visrec.inference.gallery_ops import GalleryItem, build_gallery
 
     extractor_dir, detector_dir = exported_models
@@ -283,7 +283,7 @@ def test_gallery_changed_on_disk_is_served_without_restart(server, gallery_image
     """Another worker (or `visrec gallery add`) publishes a new version: the next request sees it."""
     from visrec.config import load_config
     from visrec.index.gallery import Gallery
-    from visrec.inference.extractor import Extractor
+    from visrec.inference.extractor_runtime import Extractor
     from visrec.inference.gallery_ops import GalleryItem, add_items
 
     rec = load_config(server.params).recognition
@@ -326,7 +326,7 @@ def test_a_promoted_champion_is_served_without_restart(server, gallery_images, e
     withdrawing the champion brings back the pipeline's latest export."""
     import shutil
 
-    from visrec.inference.extractor import Extractor
+    from visrec.inference.extractor_runtime import Extractor
     from visrec.inference.gallery_ops import GalleryItem, build_gallery
     from visrec.orchestration import notify_service_reload
     from visrec.serving.champion import publish_champion
@@ -369,7 +369,7 @@ def test_a_promoted_champion_is_served_without_restart(server, gallery_images, e
 
 def test_two_workers_serve_one_gallery(exported_models, gallery_images, tmp_path):
     """VISREC_WORKERS=2: a change made through one worker is served by both, with no restart."""
-    from visrec.inference.extractor import Extractor
+    from visrec.inference.extractor_runtime import Extractor
     from visrec.inference.gallery_ops import GalleryItem, build_gallery
 
     extractor_dir, detector_dir = exported_models

@@ -31,8 +31,8 @@ from visrec.models.freezing import freeze_pretrained
 from visrec.models.losses import CELoss
 from visrec.training.checkpoint import load_finished_run, prepare_work_dir
 from visrec.training.engine import EngineConfig, Trainer, TrainerState, is_main_process
-from visrec.training.extractor import make_transform as _make_transform
-from visrec.training.extractor import normalization
+from visrec.training.extractor_training import make_transform as _make_transform
+from visrec.training.extractor_training import normalization
 from visrec.training.optim import build_optimizer, build_scheduler
 from visrec.utils.fs import replace_dir, write_json
 

@@ -19,7 +19,7 @@ from visrec.data.datasets import read_list
 from visrec.evaluation.system_eval import Query, SystemSplit, calibrate, open_set_gallery, split_for_system
 from visrec.index.gallery import Gallery
 from visrec.index.listfile import write_list_file
-from visrec.inference.extractor import Extractor
+from visrec.inference.extractor_runtime import Extractor
 from visrec.inference.gallery_ops import embed_items, expand_views, item_metadata
 from visrec.inference.pipeline import RecognitionSystem
 from visrec.utils.fs import atomic_write_text, write_json

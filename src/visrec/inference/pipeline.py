@@ -26,9 +26,9 @@ import numpy as np
 
 from visrec.config import RecognitionConfig
 from visrec.inference.detection_post import nms
-from visrec.inference.detector import Detector
+from visrec.inference.detector_runtime import Detector
 from visrec.inference.export import ONNX_FILE
-from visrec.inference.extractor import Extractor
+from visrec.inference.extractor_runtime import Extractor
 from visrec.index.gallery import Gallery
 from visrec.index.label_scores import label_hits
 
