@@ -39,12 +39,12 @@ from visrec.data.cub import read_cub
 from visrec.imaging import load_image
 from visrec.data.split import coco_for
 from visrec.evaluation.system_eval import class_label
-from visrec.index.build import index_params
+from visrec.index.faiss_index import index_params
 from visrec.inference.extractor_runtime import Extractor
 from visrec.inference.gallery_ops import GalleryItem, build_gallery
 from visrec.inference.pipeline import RecognitionSystem, load_detector
 from visrec.metrics.detection import coco_detection_metrics
-from visrec.serving.champion import served_recognition
+from visrec.workflows.champion import served_recognition
 from visrec.utils.logs import setup_logging
 
 

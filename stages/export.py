@@ -7,7 +7,7 @@ from visrec.inference.detector_runtime import export_detector
 from visrec.inference.export import export_extractor
 from visrec.training.detector import load_trained as load_trained_detector
 from visrec.training.extractor_training import load_trained as load_trained_extractor
-from visrec.utils.stage import main
+from visrec.workflows.stage_runner import main
 
 
 def export(cfg: Config) -> None:

@@ -12,7 +12,7 @@ import yaml
 
 from visrec.config import Config, load_config
 from visrec.tracking import history_metrics, numeric_metrics, params_hash, sanitize_name, stage_params
-from visrec.utils.stage import run_stage
+from visrec.workflows.stage_runner import run_stage
 
 
 def write_metrics(cfg: Config, stage: str) -> None:
@@ -118,7 +118,7 @@ def closed_port() -> int:
 def test_unreachable_server_warns_and_the_stage_stands(repo, monkeypatch, caplog):
     uri = f"http://127.0.0.1:{closed_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setattr("visrec.utils.stage.setup_logging", lambda: None)  # it would drop caplog's handler
+    monkeypatch.setattr("visrec.workflows.stage_runner.setup_logging", lambda: None)  # it would drop caplog's handler
     with caplog.at_level(logging.WARNING, logger="visrec.tracking"):
         assert run_stage("split", body_for("split"), argv=[]) == 0
     assert f"tracking to {uri} failed" in caplog.text and "tracking.required: true" in caplog.text

@@ -86,7 +86,7 @@ def _served_config(params: Path, overrides: list[str] | None) -> Config:
     gallery when one is published (``serve.champion``), else the pipeline's latest outputs."""
     import dataclasses
 
-    from visrec.serving.champion import served_recognition
+    from visrec.workflows.champion import served_recognition
 
     cfg = _config(params, overrides)
     rec, _ = served_recognition(cfg, Path(params).resolve().parent)
@@ -151,11 +151,9 @@ def extract(
 ) -> None:
     """Print the L2-normalised embedding of an image (the whole image) as JSON."""
     from visrec.imaging import load_image
-    from visrec.inference.extractor_runtime import Extractor
+    from visrec.workflows.gallery import load_extractor
 
-    cfg = _served_config(params, override)
-    rec = cfg.recognition
-    extractor = Extractor(rec.extractor, backend=rec.backend, num_threads=rec.num_threads)
+    extractor = load_extractor(_served_config(params, override).recognition)
     vector = extractor.embed([load_image(image)])[0]
     print(json.dumps({"image": str(image), "fingerprint": extractor.fingerprint, "dim": int(vector.size),
                       "embedding": [round(float(v), 7) for v in vector]}))
@@ -164,25 +162,10 @@ def extract(
 # ------------------------------------------------------------------------- gallery
 
 
-def _extractor(cfg: Config):
-    from visrec.inference.extractor_runtime import Extractor
-
-    rec = cfg.recognition
-    return Extractor(rec.extractor, backend=rec.backend, num_threads=rec.num_threads)
-
-
-def _detector(cfg: Config):
-    """The detector that finds the ``object`` view of gallery images (None when not needed)."""
-    from visrec.inference.pipeline import load_detector
-
-    return load_detector(cfg.recognition) if "object" in cfg.recognition.gallery_views else None
-
-
-def _load_gallery(cfg: Config, extractor=None):
+def _load_gallery(cfg: Config):
     from visrec.index.gallery import Gallery
 
-    return Gallery.load(cfg.recognition.gallery, num_threads=cfg.recognition.num_threads,
-                        expected_fingerprint=extractor.fingerprint if extractor is not None else None)
+    return Gallery.load(cfg.recognition.gallery, num_threads=cfg.recognition.num_threads)
 
 
 @gallery_app.command("build")
@@ -194,15 +177,9 @@ def gallery_build(
     override: OverrideOpt = None,
 ) -> None:
     """Build a new gallery from a list file (replaces the current one only once complete)."""
-    from visrec.index.build import index_params
-    from visrec.inference.gallery_ops import build_gallery, items_from_list
+    from visrec.workflows.gallery import build_from_list
 
-    cfg = _served_config(params, override)
-    items = items_from_list(list_file, root, cfg.index.delimiter)
-    gallery = build_gallery(_extractor(cfg), items, cfg.index.index_type, cfg.recognition.num_threads,
-                            cfg.index.batch_size, meta_extra={"source": str(list_file)},
-                            views=cfg.recognition.gallery_views, detector=_detector(cfg), **index_params(cfg.index))
-    gallery.save(cfg.recognition.gallery)
+    gallery = build_from_list(_served_config(params, override), list_file, root)
     print(json.dumps(gallery.info(), ensure_ascii=False))
 
 
@@ -215,19 +192,10 @@ def gallery_add(
     override: OverrideOpt = None,
 ) -> None:
     """Add images to the gallery: new labels are recognised at once, no retraining."""
-    from visrec.inference.gallery_ops import add_items, items_from_list
+    from visrec.workflows.gallery import add_from_list
 
-    from visrec.index.gallery import update_lock
-
-    cfg = _served_config(params, override)
-    extractor = _extractor(cfg)
-    items = items_from_list(list_file, root, cfg.index.delimiter)
-    with update_lock(cfg.recognition.gallery):  # the service and the DAG update under this lock too
-        gallery = _load_gallery(cfg, extractor)
-        ids = add_items(gallery, extractor, items, cfg.index.batch_size, views=cfg.recognition.gallery_views,
-                        detector=_detector(cfg))
-        gallery.save(cfg.recognition.gallery)
-    print(json.dumps({"added": len(ids), "ids": ids, "count": len(gallery)}, ensure_ascii=False))
+    result = add_from_list(_served_config(params, override), list_file, root)
+    print(json.dumps({k: result[k] for k in ("added", "ids", "count")}, ensure_ascii=False))
 
 
 @gallery_app.command("remove")
@@ -241,19 +209,20 @@ def gallery_remove(
     """Remove entries by id or by label (works on HNSW32, IVF and FLAT)."""
     if bool(ids) == (label is not None):
         raise CliError("give either --ids or --label (one of them)")
-    from visrec.index.gallery import update_lock
+    from visrec.workflows.gallery import change_gallery
 
     cfg = _served_config(params, override)
-    with update_lock(cfg.recognition.gallery):
-        gallery = _load_gallery(cfg)
-        if label is not None:
-            removed = gallery.remove_label(label)
-            if removed == 0:
-                raise CliError(f"no gallery entry has label {label!r}: nothing removed "
-                               "(`visrec gallery info` lists the labels)")
-        else:
-            removed = gallery.remove(ids)
-        gallery.save(cfg.recognition.gallery)
+
+    def remove(gallery) -> int:
+        if label is None:
+            return gallery.remove(ids)
+        removed = gallery.remove_label(label)
+        if removed == 0:
+            raise CliError(f"no gallery entry has label {label!r}: nothing removed "
+                           "(`visrec gallery info` lists the labels)")
+        return removed
+
+    removed, gallery = change_gallery(cfg.recognition.gallery, remove, num_threads=cfg.recognition.num_threads)
     print(json.dumps({"removed": removed, "count": len(gallery)}, ensure_ascii=False))
 
 
@@ -299,7 +268,7 @@ def runs_compare(
     from visrec.tracking import find_runs, resolve_uri, runs_table
 
     cfg = _config(params, override)
-    uri = resolve_uri(cfg.tracking.uri)
+    uri = resolve_uri(cfg.tracking.uri, Path(params).resolve().parent)
     try:
         runs = find_runs(uri, experiment or cfg.tracking.experiment, stage, limit)
     except ConnectionError as exc:
@@ -314,8 +283,8 @@ def runs_compare(
 @_fail_cleanly
 def champion_show(params: ParamsOpt = Path("params.yaml"), override: OverrideOpt = None) -> None:
     """Print the live champion's record (metrics, time, commit, carried-over gallery changes) as JSON."""
-    from visrec.serving.champion import champion_record
     from visrec.utils.fs import resolve_under
+    from visrec.workflows.champion import champion_record
 
     cfg = _config(params, override)
     root = resolve_under(cfg.paths.champion, Path(params).resolve().parent)
@@ -330,13 +299,11 @@ def champion_show(params: ParamsOpt = Path("params.yaml"), override: OverrideOpt
 def champion_promote(params: ParamsOpt = Path("params.yaml")) -> None:
     """Run the promotion gate on the pipeline's latest outputs: with tracking on, on the MLflow
     registry aliases; else on the champion's recorded metrics. Prints the decision as JSON."""
-    from visrec.orchestration import mlflow_promotion_gate, promotion_gate
+    from visrec.workflows.promotion import run_promotion_gate
 
-    repo = Path(params).resolve().parent
-    cfg = load_config(params)
+    params = Path(params).resolve()
     try:
-        result = (mlflow_promotion_gate(repo, Path(params).name) if cfg.tracking.enabled
-                  else promotion_gate(repo, Path(params).name))
+        result = run_promotion_gate(params.parent, params.name)
     except ConnectionError as exc:
         raise CliError(f"tracking server: {exc} (set tracking.enabled: false to use the file-based gate)") from None
     print(json.dumps(result, indent=2, default=str))

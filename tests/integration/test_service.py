@@ -328,8 +328,8 @@ def test_a_promoted_champion_is_served_without_restart(server, gallery_images, e
 
     from visrec.inference.extractor_runtime import Extractor
     from visrec.inference.gallery_ops import GalleryItem, build_gallery
-    from visrec.orchestration import notify_service_reload
-    from visrec.serving.champion import publish_champion
+    from visrec.workflows.pipeline import notify_service_reload
+    from visrec.workflows.champion import publish_champion
 
     base = server.params.parent  # relative paths of the server's params resolve here
     export = base / "candidate_export"

@@ -1,4 +1,4 @@
-"""The shared shell of every ``stages/*.py`` script: args, params, logging, clean errors."""
+"""The shared shell of every ``stages/*.py`` script: args, params, logging, clean errors, a tracked run."""
 
 from __future__ import annotations
 
