@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from visrec.cli import app
 from visrec.config import RecognitionConfig
 from visrec.data.cub import read_cub
-from visrec.data.datasets import read_list
+from visrec.data.split_list import read_split_list
 from visrec.imaging import load_image
 from visrec.evaluation.system_eval import (
     choose_threshold,
@@ -41,7 +41,7 @@ def rec_config(exported, gallery: Path, detector: bool = True, **extra) -> Recog
 def test_images(tiny_cub):
     root, split = tiny_cub
     meta = read_cub(root)
-    test_ids = {e.unique_id for e in read_list(split / "test_list.txt")}
+    test_ids = {e.unique_id for e in read_split_list(split / "test_list.txt")}
     return [im for im in meta.images if im.image_id in test_ids], meta
 
 

@@ -19,10 +19,8 @@ from visrec.data.cub import read_cub
 from visrec.data.validation import (
     MANIFEST_COLUMNS,
     RULES,
-    ListFormatError,
     box_overshoot,
     build_manifest,
-    read_list,
     validate_manifest,
     write_outputs,
 )
@@ -123,21 +121,6 @@ def valid_run(tmp_path_factory: pytest.TempPathFactory):
 
 
 # ----------------------------------------------------------------------------- lists, boxes
-
-
-def test_read_list_parses_lines_and_names_file_and_line_of_a_bad_one(tmp_path: Path) -> None:
-    good = tmp_path / "train_list.txt"
-    good.write_text("images/001.A/a.jpg 1 1\n\nimages/002.B/b.jpg 2 7\n")
-    assert read_list(good) == [("images/001.A/a.jpg", 1, 1), ("images/002.B/b.jpg", 2, 7)]
-    bad = tmp_path / "test_list.txt"
-    bad.write_text("images/001.A/a.jpg 1 1\nimages/002.B/b.jpg 2\n")
-    with pytest.raises(ListFormatError, match=r"test_list\.txt:2: expected"):
-        read_list(bad)
-    bad.write_text("images/001.A/a.jpg one 1\n")
-    with pytest.raises(ListFormatError, match=r"test_list\.txt:1: label and unique_id must be integers"):
-        read_list(bad)
-    with pytest.raises(ListFormatError, match="no such list file"):
-        read_list(tmp_path / "absent.txt")
 
 
 def test_box_overshoot_is_the_largest_reach_past_an_edge_over_that_side() -> None:

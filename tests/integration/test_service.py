@@ -58,12 +58,12 @@ def png(image: Image.Image) -> bytes:
 def gallery_images(tiny_cub):
     """(path, label) of 2 images per test class; the first one of each class goes in the gallery."""
     from visrec.data.cub import read_cub
-    from visrec.data.datasets import read_list
+    from visrec.data.split_list import read_split_list
     from visrec.evaluation.system_eval import class_label
 
     root, split = tiny_cub
     meta = read_cub(root)
-    test_ids = {e.unique_id for e in read_list(split / "test_list.txt")}
+    test_ids = {e.unique_id for e in read_split_list(split / "test_list.txt")}
     by_class: dict[str, list[Path]] = {}
     for im in meta.images:
         if im.image_id in test_ids:

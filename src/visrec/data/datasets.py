@@ -1,15 +1,12 @@
-"""List files -> decoded, optionally box-cropped images -> transformed samples for Paddle.
+"""Split list files -> decoded, optionally box-cropped images -> transformed samples for Paddle.
 
-A list file (written by the split stage) holds one image per line:
-``relative/path.jpg label unique_id``; the path is relative to the CUB_200_2011 root
-and may contain spaces, so lines are split from the right.
+The list files are the split stage's (:mod:`visrec.data.split_list`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,49 +16,10 @@ import paddle
 from tqdm import tqdm
 
 from visrec.data.cub import read_cub, resolve_root
+from visrec.data.split_list import ListFileError, read_split_list
 from visrec.imaging import crop_box, load_image
 
 logger = logging.getLogger(__name__)
-
-
-class ListFileError(ValueError):
-    """A malformed list file."""
-
-
-@dataclass(frozen=True)
-class ListEntry:
-    path: str  # relative to the data set root
-    label: int  # CUB class id
-    unique_id: int  # CUB image id
-
-
-def read_list(path: str | Path) -> list[ListEntry]:
-    """Parse a list file; raise ListFileError naming file:line on a malformed line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ListFileError(f"list file {path} does not exist: run the split stage first")
-    entries: list[ListEntry] = []
-    seen: dict[int, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, 1):
-            line = raw.rstrip()
-            if not line.strip():
-                continue
-            parts = line.rsplit(" ", 2)
-            if len(parts) != 3 or not parts[0]:
-                raise ListFileError(f"{path}:{lineno}: expected 'relative/path label unique_id' "
-                                    f"separated by single spaces, got {line!r}")
-            rel, label_s, uid_s = parts
-            try:
-                label, uid = int(label_s), int(uid_s)
-            except ValueError:
-                raise ListFileError(f"{path}:{lineno}: label {label_s!r} and unique id {uid_s!r} "
-                                    f"must be integers, got {line!r}") from None
-            if uid in seen:
-                raise ListFileError(f"{path}:{lineno}: unique id {uid} already used on line {seen[uid]}")
-            seen[uid] = lineno
-            entries.append(ListEntry(rel, label, uid))
-    return entries
 
 
 class CachedImageDataset(paddle.io.Dataset):
@@ -163,7 +121,7 @@ class RetrievalDataset(CachedImageDataset):
         self.root = resolve_root(root)
         self.list_file = Path(list_file)
         self.cache_name = self.list_file.name
-        self.entries = read_list(self.list_file)
+        self.entries = read_split_list(self.list_file)
         if not self.entries:
             raise ListFileError(f"list file {self.list_file} holds no images")
         self.crop_to_bbox = crop_to_bbox

@@ -13,7 +13,6 @@ import hashlib
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,9 @@ from tqdm import tqdm
 
 from visrec.config import ValidateConfig
 from visrec.data.cub import read_cub, resolve_root
+from visrec.data.report import write_report
+from visrec.data.split_list import read_split_list
+from visrec.data.validation_result import ValidationResult
 from visrec.utils.fs import write_json
 
 logger = logging.getLogger(__name__)
@@ -60,41 +62,12 @@ _CLASS_ID_COLUMNS = ["label", "splits"]
 _HASH_ID_COLUMNS = ["content_hash", "files"]
 
 
-class ListFormatError(ValueError):
-    """A split list file that is not ``relative/path.jpg label unique_id`` per line."""
-
-
-# ----------------------------------------------------------------------------- lists
-
-
-def read_list(path: str | Path) -> list[tuple[str, int, int]]:
-    """Read a split list: one ``relative/path.jpg label unique_id`` line per image."""
-    path = Path(path)
-    if not path.is_file():
-        raise ListFormatError(f"{path}: no such list file (run the split stage first)")
-    rows: list[tuple[str, int, int]] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            text = line.rstrip("\r\n")
-            if not text.strip():
-                continue
-            parts = text.split(" ")
-            if len(parts) != 3 or not all(parts):
-                raise ListFormatError(
-                    f"{path}:{lineno}: expected 'relative/path.jpg label unique_id' separated by "
-                    f"single spaces, got {text!r}"
-                )
-            rel, label, uid = parts
-            try:
-                rows.append((rel, int(label), int(uid)))
-            except ValueError:
-                raise ListFormatError(
-                    f"{path}:{lineno}: label and unique_id must be integers, got {text!r}"
-                ) from None
-    return rows
-
-
 # ----------------------------------------------------------------------------- manifest
+
+
+def _rows(list_file: Path) -> list[tuple[str, int, int]]:
+    # Duplicate unique ids are the unique_id_unique rule's to report (across both lists), not a parse error.
+    return [(e.path, e.label, e.unique_id) for e in read_split_list(list_file, require_unique_ids=False)]
 
 
 def probe_image(path: Path) -> dict[str, Any]:
@@ -133,7 +106,7 @@ def build_manifest(raw_root: str | Path, split_dir: str | Path, num_workers: int
     boxes = {img.image_id: img.box for img in meta.images}
     entries = [(split, rel, label, uid)
                for split in SPLITS
-               for rel, label, uid in read_list(Path(split_dir) / LIST_FILES[split])]
+               for rel, label, uid in _rows(Path(split_dir) / LIST_FILES[split])]
     paths = [meta.root / rel for _, rel, _, _ in entries]
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
         probes = list(tqdm(pool.map(probe_image, paths), total=len(paths),
@@ -291,50 +264,6 @@ def jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-@dataclass
-class ValidationResult:
-    success: bool
-    # {rule, description, success, unexpected_count, examples[, observed, missing, error]}
-    rules: list[dict[str, Any]]
-    stats: dict[str, Any]
-    gx_result: dict[str, Any]  # raw GX results (JSON), keyed by table: images, classes, hashes
-    # The GX context that ran the suites: it holds the results data docs are built from.
-    gx_context: Any = field(default=None, repr=False, compare=False)
-
-    @property
-    def failed_rules(self) -> list[str]:
-        return [r["rule"] for r in self.rules if not r["success"]]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"success": self.success, "rules": self.rules, "stats": self.stats}
-
-    def summary(self) -> str:
-        """Multi-line text: counts, then one line per failed rule with its offending rows."""
-        s = self.stats
-        lines = [
-            f"validation {'PASSED' if self.success else 'FAILED'}: {s['images']} images "
-            f"(train {s['train_images']} in {s['train_classes']} classes, "
-            f"test {s['test_images']} in {s['test_classes']} classes), "
-            f"{s['boxes_clipped']} boxes clipped, {s['greyscale_images']} greyscale"
-        ]
-        for r in self.rules:
-            if r["success"]:
-                continue
-            detail = f"{r['unexpected_count']} offending" if r["unexpected_count"] else "failed"
-            lines.append(f"  rule {r['rule']} FAILED ({r['description']}): {detail}")
-            if r.get("error"):
-                lines.append(f"    error: {r['error']}")
-            if r.get("observed") is not None:
-                lines.append(f"    observed: {r['observed']}")
-            if r.get("missing"):
-                lines.append(f"    missing: {', '.join(map(str, r['missing']))}")
-            for example in r["examples"]:
-                lines.append("    " + ", ".join(f"{k}={v}" for k, v in example.items()))
-            if r["unexpected_count"] > len(r["examples"]):
-                lines.append(f"    ... and {r['unexpected_count'] - len(r['examples'])} more")
-        return "\n".join(lines)
-
-
 def _example(row: dict[str, Any]) -> dict[str, Any]:
     """Identifying columns first, then the offending values; the internal row number dropped."""
     ids = [c for c in (*_IMAGE_ID_COLUMNS, *_CLASS_ID_COLUMNS, *_HASH_ID_COLUMNS) if c in row and c != "row"]
@@ -475,8 +404,6 @@ def metrics(result: ValidationResult) -> dict[str, int]:
 def write_outputs(result: ValidationResult, manifest: pd.DataFrame, raw_root: str | Path,
                   out_dir: str | Path, cfg: ValidateConfig, data_docs: bool = True) -> dict[str, int]:
     """Write validation.json, gx_result.json, manifest.csv, data_docs/ and report/; return metrics."""
-    from visrec.data.report import write_report
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "validation.json", jsonable(result.to_dict()))
@@ -489,7 +416,7 @@ def write_outputs(result: ValidationResult, manifest: pd.DataFrame, raw_root: st
 
 
 __all__ = [
-    "RULES", "ListFormatError", "ValidationResult", "box_overshoot", "build_data_docs",
-    "build_manifest", "jsonable", "manifest_stats", "metrics", "read_list", "validate_manifest",
+    "RULES", "ValidationResult", "box_overshoot", "build_data_docs",
+    "build_manifest", "jsonable", "manifest_stats", "metrics", "validate_manifest",
     "write_outputs",
 ]

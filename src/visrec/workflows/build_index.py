@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from visrec.data.cub import read_cub
-from visrec.data.datasets import read_list
+from visrec.data.split_list import read_split_list
 from visrec.evaluation.system_eval import (QUERIES_FILE, SystemSplit, calibrate, open_set_gallery, split_for_system,
                                            write_queries)
 from visrec.index.faiss_index import index_params
@@ -34,7 +34,7 @@ def run_build_index(cfg, raw_root: Path, split_dir: Path, index_dir: Path, metri
     """Embed the gallery, calibrate the threshold on the calibration queries, save everything."""
     index_cfg, rec_cfg = cfg.index, cfg.recognition
     meta = read_cub(raw_root)
-    test_ids = {e.unique_id for e in read_list(Path(split_dir) / "test_list.txt")}
+    test_ids = {e.unique_id for e in read_split_list(Path(split_dir) / "test_list.txt")}
     split: SystemSplit = split_for_system(meta, test_ids, index_cfg.gallery_per_class, index_cfg.open_set_fraction,
                                           index_cfg.calibration_fraction, index_cfg.seed)
     extractor = load_extractor(rec_cfg)
