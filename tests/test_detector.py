@@ -29,7 +29,7 @@ from visrec.inference.detection_post import box_iou, nms, postprocess
 from visrec.inference.detector_runtime import Detector, dygraph_predict_fn, export_detector, split_outputs
 from visrec.inference.export import read_model_json
 from visrec.metrics.detection import coco_detection_metrics
-from visrec.models.backbones import create_backbone
+from visrec.models.registry import create_backbone
 from visrec.models.detector import (
     DetectionLoss,
     MainbodyDetector,

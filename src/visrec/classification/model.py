@@ -15,7 +15,7 @@ from paddle import nn
 from paddle.nn import functional as F
 
 from visrec.classification.data import read_class_map
-from visrec.models.backbones import build_backbone
+from visrec.models.registry import build_backbone
 from visrec.models.freezing import BackboneFreezing
 from visrec.training.checkpoint import load_finished_run
 

@@ -25,7 +25,7 @@ from visrec.classification.scoring import classification_metrics, dygraph_probs_
 from visrec.config import ClassifyConfig
 from visrec.data.datasets import make_loader
 from visrec.data.transforms import train_resize_size
-from visrec.models.backbones import load_pretrained
+from visrec.models.weights import load_pretrained
 from visrec.models.extractor import param_groups
 from visrec.models.freezing import freeze_pretrained
 from visrec.models.losses import CELoss

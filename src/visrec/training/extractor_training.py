@@ -26,7 +26,8 @@ from visrec.data.samplers import PKSampler
 from visrec.data.transforms import build_transforms, train_resize_size
 from visrec.training.embedding import dygraph_embed_fn, embed_dataset
 from visrec.metrics.retrieval import retrieval_metrics
-from visrec.models.backbones import backbone_normalization, load_pretrained
+from visrec.models.registry import backbone_normalization
+from visrec.models.weights import load_pretrained
 from visrec.models.extractor import RecModel, build_rec_model, param_groups
 from visrec.models.freezing import freeze_pretrained
 from visrec.models.losses import CombinedLoss, build_loss
