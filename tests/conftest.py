@@ -52,6 +52,8 @@ def exported_models(tiny_cub, tmp_path_factory):
     import numpy as np
     import paddle
 
+    from recipes import scratch
+
     from visrec.config import config_from_dict
     from visrec.imaging import load_image, normalize_chw
     from visrec.inference.detector_runtime import export_detector
@@ -74,9 +76,10 @@ def exported_models(tiny_cub, tmp_path_factory):
     # random 32-d projection, at 64 px: small and fast, yet its embeddings tell images apart (a
     # random MobileNet maps every image to nearly the same vector, so matches would be ties).
     cfg = config_from_dict({
-        "extractor": {"backbone": {"name": "efficientnet_lite0", "pretrained": "imagenet", "pool": "gem"},
-                      "neck": {"name": "FCNeck", "embedding_size": 32}, "image": {"size": 64}},
-        "detector": {"neck_channels": 16, "head_convs": 1, "image": {"size": 64}},
+        "extractor": scratch("extractor", {
+            "backbone": {"name": "efficientnet_lite0", "pretrained": "imagenet", "pool": "gem"},
+            "neck": {"name": "FCNeck", "embedding_size": 32}, "image": {"size": 64}}),
+        "detector": scratch("detector", {"neck_channels": 16, "head_convs": 1, "image": {"size": 64}}),
     })
     ext_cfg = ext_training.model_config(cfg.extractor, class_num=4)
     model = build_rec_model(ext_cfg["backbone"], ext_cfg["neck"], ext_cfg["head"], ext_cfg["class_num"])

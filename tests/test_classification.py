@@ -29,6 +29,8 @@ from visrec.classification.mixing import mix_batch, one_hot, soft_cross_entropy
 from visrec.classification.model import load_trained
 from visrec.classification.predict import ClassifierPredictor, export_run, top_k_entries
 from visrec.classification.scoring import topk_accuracy
+from recipes import scratch
+
 from visrec.config import config_from_dict
 from visrec.data.cub import read_cub
 from visrec.imaging import load_image
@@ -49,7 +51,7 @@ def tiny_raw(root, tmp, **extra) -> dict:
         "out": str(tmp / "run"), "export": str(tmp / "export"), "num_threads": 1,
     }
     raw.update(extra)
-    return raw
+    return scratch("classify", raw)
 
 
 def tiny_config(root, tmp, **extra):

@@ -12,6 +12,8 @@ import numpy as np
 import paddle
 import pytest
 
+from recipes import scratch
+
 from visrec.config import DetectorConfig, config_from_dict
 from visrec.imaging import ImageReadError, load_image
 from visrec.data.det_dataset import (
@@ -78,7 +80,7 @@ def tiny_config(**extra) -> DetectorConfig:
         "score_threshold": 0.0, "seed": 3,
     }
     raw.update(extra)
-    return config_from_dict({"detector": raw}).detector
+    return config_from_dict({"detector": scratch("detector", raw)}).detector
 
 
 # ------------------------------------------------------------------ assignment

@@ -7,6 +7,8 @@ import numpy as np
 import paddle
 import pytest
 
+from recipes import scratch
+
 from visrec.config import ExtractorConfig, config_from_dict
 from visrec.inference.export import EmbeddingNet, export_extractor, read_model_json, weights_fingerprint
 from visrec.evaluation.retrieval_eval import eval_dataset_for
@@ -28,7 +30,7 @@ def tiny_config(**extra) -> ExtractorConfig:
         "epochs": 2, "eval_every": 1, "eval_batch_size": 16, "seed": 1,
     }
     raw.update(extra)
-    return config_from_dict({"extractor": raw}).extractor
+    return config_from_dict({"extractor": scratch("extractor", raw)}).extractor
 
 
 def state(model):

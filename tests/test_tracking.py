@@ -50,7 +50,7 @@ def test_helpers():
     assert sanitize_name("a:b(c) d/e-f.g") == "a_b_c_ d/e-f.g"
     assert numeric_metrics({"r@5": 1, "s": "x", "n": {"k": 2.5}, "bad": float("nan")}) == {"r_at_5": 1.0, "n.k": 2.5}
     params = stage_params(Config(), "train_extractor")
-    assert params["extractor.backbone.name"] == "mobilenet_v1"
+    assert params["extractor.backbone.name"] == "efficientnet_lite0"
     assert json.loads(params["extractor.optimizer.milestones"]) == [30, 60]
     cfg = Config()
     cfg.tracking.uri = "http://elsewhere"  # where runs go is not part of the experiment

@@ -151,7 +151,7 @@ def extract(
 ) -> None:
     """Print the L2-normalised embedding of an image (the whole image) as JSON."""
     from visrec.imaging import load_image
-    from visrec.workflows.gallery import load_extractor
+    from visrec.inference.pipeline import load_extractor
 
     extractor = load_extractor(_served_config(params, override).recognition)
     vector = extractor.embed([load_image(image)])[0]

@@ -68,34 +68,33 @@ class SamplerConfig:
 class ExtractorConfig:
     """The recognition model (Backbone + Neck + Head, each built by name) and its training."""
 
-    backbone: dict[str, Any] = field(default_factory=lambda: {"name": "mobilenet_v1", "scale": 0.5})
-    neck: dict[str, Any] | None = field(default_factory=lambda: {"name": "FCNeck", "embedding_size": 512})  # null: pooled backbone features
-    head: dict[str, Any] | None = field(
-        default_factory=lambda: {"name": "ArcMarginHead", "margin": 0.2, "scale": 30.0})
+    backbone: dict[str, Any] = field(default_factory=lambda: {
+        "name": "efficientnet_lite0", "pretrained": "imagenet", "pool": "gem", "gem_p": 2.0})
+    neck: dict[str, Any] | None = None  # null: the pooled backbone features are the embedding
+    head: dict[str, Any] | None = field(default_factory=lambda: {"name": "ProxyHead"})
     losses: list[dict[str, Any]] = field(default_factory=lambda: [
-        {"name": "CELoss", "weight": 1.0, "epsilon": 0.1},
-        {"name": "TripletAngularMarginLoss", "weight": 1.0, "margin": 0.5},
-    ])
-    image: ImageConfig = field(default_factory=ImageConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+        {"name": "ProxyAnchorLoss", "weight": 1.0, "alpha": 32.0, "delta": 0.1}])
+    image: ImageConfig = field(default_factory=lambda: ImageConfig(size=224, bbox_pad=0.0))
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(rotate_degrees=0.0, erase_prob=0.0))
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(
+        name="adamw", lr=0.003, weight_decay=0.0001, backbone_lr_mult=0.033, warmup_epochs=0.0))
     # Fine-tuning a pretrained backbone: freeze its first N units (layers in forward order;
     # "all" for every one) and/or keep every BN at its running statistics.
-    frozen_units: int | Literal["all"] = 0
-    freeze_bn: bool = False
+    frozen_units: int | Literal["all"] = 12
+    freeze_bn: bool = True
     # Before fine-tuning, train only neck + head this many steps on backbone features computed
     # once (LP-FT): the backbone's first updates then follow trained proxies, not random ones.
-    head_warmup_steps: int = 0
+    head_warmup_steps: int = 500
     # When training may change the weights. real_only: only on real photos (data.source is not
     # the synthetic generator); on synthetic shapes the published extractor is the pretrained
     # backbone as it is, since shapes cannot teach it anything that holds on real photos.
     finetune: Literal["real_only", "always", "never"] = "real_only"
-    epochs: int = 10
-    eval_every: int = 2
+    epochs: int = 2
+    eval_every: int = 1
     # Evaluate the starting weights first: with a pretrained backbone the zero-shot model then
     # competes for best_model, and the pipeline keeps whichever of the two is better.
-    eval_before_training: bool = False
+    eval_before_training: bool = True
     eval_batch_size: int = 64
     keep_last: int = 2
     # A checkpoint directory to continue from, or "latest": the unfinished run in
@@ -110,7 +109,7 @@ class ExtractorConfig:
 class DetectorImageConfig:
     """How images reach the detector: square input, resize policy, normalisation."""
 
-    size: int = 128  # network input side (a multiple of the largest stride)
+    size: int = 160  # network input side (a multiple of the largest stride)
     # keep_ratio: letterbox (scale to fit, pad the rest, centred); stretch: resize to size x size
     resize: Literal["keep_ratio", "stretch"] = "keep_ratio"
     mean: list[float] | None = None  # null: the backbone's own normalisation
@@ -136,7 +135,7 @@ class DetectorAssignConfig:
     """FCOS-style assignment: box size picks the levels, centre sampling picks locations."""
 
     # per stride, the range of a box's longer side (input pixels) it handles; ranges may overlap
-    size_ranges: list[list[float]] = field(default_factory=lambda: [[0.0, 64.0], [32.0, 128.0], [64.0, 100000.0]])
+    size_ranges: list[list[float]] = field(default_factory=lambda: [[0.0, 80.0], [40.0, 160.0], [80.0, 100000.0]])
     center_radius: float = 2.5  # positives lie within radius x stride of the box centre
 
 
@@ -144,8 +143,8 @@ class DetectorAssignConfig:
 class DetectorConfig:
     """The single-class mainbody detector (backbone + FPN + shared head) and its training."""
 
-    backbone: dict[str, Any] = field(default_factory=lambda: {"name": "mobilenet_v1", "scale": 0.25})
-    freeze_backbone: bool = False  # train only FPN + head (for a pretrained backbone)
+    backbone: dict[str, Any] = field(default_factory=lambda: {"name": "efficientnet_lite0", "pretrained": "imagenet"})
+    freeze_backbone: bool = True  # train only FPN + head (for a pretrained backbone)
     strides: list[int] = field(default_factory=lambda: [8, 16, 32])
     neck_channels: int = 48  # FPN width
     head_convs: int = 2  # depthwise-separable convs in the shared head
@@ -160,10 +159,10 @@ class DetectorConfig:
     max_det: int = 5  # boxes kept per image, as PP-ShiTu
     pre_nms_top_k: int = 100
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(
-        name="adamw", lr=0.004, weight_decay=0.0001, warmup_epochs=0.5, milestones=[]))
+        name="adamw", lr=0.008, weight_decay=0.0001, warmup_epochs=0.5, milestones=[]))
     batch_size: int = 32
-    epochs: int = 6
-    eval_every: int = 2
+    epochs: int = 5
+    eval_every: int = 5
     eval_images: int = 500  # validation images evaluated during training (0 = all); the final one uses all
     eval_batch_size: int = 64
     vis_images: int = 8  # validation images drawn in val_predictions.png
@@ -197,8 +196,8 @@ class ClassifyConfig:
     data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
     backbone: dict[str, Any] = field(default_factory=lambda: {"name": "efficientnet_lite0", "pretrained": "imagenet"})
     dropout: float = 0.2  # before the FC head
-    frozen_units: int | Literal["all"] = 0  # first N backbone units keep their (pretrained) weights
-    freeze_bn: bool = False  # every backbone BN at its running statistics
+    frozen_units: int | Literal["all"] = 13  # first N backbone units keep their (pretrained) weights
+    freeze_bn: bool = True  # every backbone BN at its running statistics
     label_smoothing: float = 0.1
     # mixup / cutmix on training batches (0 = off); with both on, each mixed batch picks one.
     # With either on, training top-1/top-5 are not logged (mixed targets have no single label).
@@ -209,11 +208,11 @@ class ClassifyConfig:
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(
         rotate_degrees=0.0, color_jitter=0.2, erase_prob=0.0))
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(
-        lr=0.02, weight_decay=1e-4, backbone_lr_mult=0.5))
+        lr=0.02, weight_decay=1e-4, backbone_lr_mult=0.3))
     batch_size: int = 32
     eval_batch_size: int = 64
-    epochs: int = 10
-    eval_every: int = 1
+    epochs: int = 6
+    eval_every: int = 2
     keep_last: int = 2
     resume: str | None = None  # a checkpoint dir, or "latest" (the unfinished run in <out>.run/)
     pretrained: str | None = None  # weights for the whole classifier (a .pdparams)

@@ -52,6 +52,11 @@ class Timings:
                 "images": self.images, "boxes": self.boxes}
 
 
+def load_extractor(rec_cfg: RecognitionConfig) -> Extractor:
+    """The exported extractor ``recognition.extractor`` names."""
+    return Extractor(rec_cfg.extractor, backend=rec_cfg.backend, num_threads=rec_cfg.num_threads)
+
+
 def load_detector(rec_cfg: RecognitionConfig) -> Detector | None:
     """The exported mainbody detector ``recognition.detector`` names (None when it is null)."""
     if not rec_cfg.detector:
@@ -79,7 +84,7 @@ class RecognitionSystem:
     @classmethod
     def from_config(cls, rec_cfg: RecognitionConfig, gallery: Gallery | None = None) -> RecognitionSystem:
         """Load the exported models and the gallery named in a ``RecognitionConfig``."""
-        extractor = Extractor(rec_cfg.extractor, backend=rec_cfg.backend, num_threads=rec_cfg.num_threads)
+        extractor = load_extractor(rec_cfg)
         detector = load_detector(rec_cfg)
         if gallery is None:
             gallery = Gallery.load(rec_cfg.gallery, expected_fingerprint=extractor.fingerprint,

@@ -21,9 +21,8 @@ from visrec.index.faiss_index import index_params
 from visrec.index.gallery import Gallery
 from visrec.index.listfile import write_list_file
 from visrec.inference.gallery_ops import embed_items, expand_views, item_metadata
-from visrec.inference.pipeline import RecognitionSystem
+from visrec.inference.pipeline import RecognitionSystem, load_extractor
 from visrec.utils.fs import write_json
-from visrec.workflows.gallery import load_extractor
 
 logger = logging.getLogger(__name__)
 

@@ -21,9 +21,8 @@ from visrec.config import Config, RecognitionConfig, load_config
 from visrec.data.validation import probe_image
 from visrec.index.faiss_index import index_params
 from visrec.index.gallery import Gallery, update_lock
-from visrec.inference.extractor_runtime import Extractor
 from visrec.inference.gallery_ops import GalleryItem, add_items, build_gallery, items_from_list
-from visrec.inference.pipeline import load_detector
+from visrec.inference.pipeline import load_detector, load_extractor
 from visrec.workflows.champion import served_recognition
 
 logger = logging.getLogger(__name__)
@@ -47,10 +46,6 @@ def change_gallery(path: str | Path, change: Callable[[Gallery], T], *, expected
         result = change(gallery)
         gallery.save(path)
     return result, gallery
-
-
-def load_extractor(rec: RecognitionConfig) -> Extractor:
-    return Extractor(rec.extractor, backend=rec.backend, num_threads=rec.num_threads)
 
 
 def object_view_detector(rec: RecognitionConfig):

@@ -1,6 +1,7 @@
 """The DVC pipeline as orchestrators (the Airflow DAGs) drive it: plain functions, no Airflow import.
 
 * :func:`stage_graph`            the stages of ``dvc.yaml`` and which stages each one needs (read, not repeated)
+* :func:`read_stages`            each stage's deps and outs, as paths
 * :func:`run_dvc_stage`          one ``dvc repro --single-item <stage>`` (DVC's cache skips unchanged stages)
 * :func:`start_pipeline_run`     the MLflow parent run one DAG run's stages nest under
 * :func:`notify_service_reload`  confirm a running service serves what was just published
@@ -59,6 +60,24 @@ def _within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+def read_stages(repo: str | Path, dvc_file: str = "dvc.yaml", params_file: str = "params.yaml"
+                ) -> dict[str, dict[str, list[str]]]:
+    """``{stage: {"deps": [...], "outs": [...]}}`` of ``dvc.yaml`` in its order, ``${...}`` resolved
+    from the params file; outs include metrics files."""
+    repo = Path(repo)
+    stages = yaml.safe_load((repo / dvc_file).read_text(encoding="utf-8"))["stages"]
+    params_path = repo / params_file
+    variables = yaml.safe_load(params_path.read_text(encoding="utf-8")) if params_path.is_file() else {}
+    return {name: {"deps": _paths(spec.get("deps"), variables),
+                   "outs": _paths(spec.get("outs"), variables) + _paths(spec.get("metrics"), variables)}
+            for name, spec in stages.items()}
+
+
+def covers(paths: list[str], path: str) -> bool:
+    """Whether ``path`` is one of ``paths`` or lies in one of them (a directory)."""
+    return any(_within(path, other) for other in paths)
+
+
 def stage_graph(repo: str | Path, dvc_file: str = "dvc.yaml", params_file: str = "params.yaml") -> dict[str, list[str]]:
     """``{stage: [stages it needs]}`` from ``dvc.yaml``, in its order, direct needs only.
 
@@ -66,17 +85,11 @@ def stage_graph(repo: str | Path, dvc_file: str = "dvc.yaml", params_file: str =
     Needs already implied through another need are dropped (``evaluate`` needs ``build_index``,
     which needs ``export``: ``export`` is not listed for ``evaluate``), so the graph reads as the
     pipeline is drawn."""
-    repo = Path(repo)
-    stages = yaml.safe_load((repo / dvc_file).read_text(encoding="utf-8"))["stages"]
-    params_path = repo / params_file
-    variables = yaml.safe_load(params_path.read_text(encoding="utf-8")) if params_path.is_file() else {}
-    outs = {name: _paths(spec.get("outs"), variables) + _paths(spec.get("metrics"), variables)
-            for name, spec in stages.items()}
+    stages = read_stages(repo, dvc_file, params_file)
     needs: dict[str, set[str]] = {}
     for name, spec in stages.items():
-        deps = _paths(spec.get("deps"), variables)
-        needs[name] = {other for other, paths in outs.items() if other != name
-                       and any(_within(dep, out) or _within(out, dep) for dep in deps for out in paths)}
+        needs[name] = {other for other, theirs in stages.items() if other != name
+                       and any(_within(dep, out) or _within(out, dep) for dep in spec["deps"] for out in theirs["outs"])}
 
     def reachable(stage: str) -> set[str]:
         seen, todo = set(), list(needs[stage])
