@@ -22,19 +22,15 @@ failed gallery change leaves the saved gallery as it was.
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from visrec.config import Config, ConfigError, load_config
-
-logger = logging.getLogger("visrec.cli")
+from visrec.cli.classify import classify_app
+from visrec.cli.common import CliError, OverrideOpt, ParamsOpt, fail_cleanly, images_in, load, served_config
+from visrec.config import Config
 
 app = typer.Typer(help="visrec: PP-ShiTu style recognition (detect -> embed -> search a Faiss gallery).",
                   no_args_is_help=True, add_completion=False)
@@ -44,71 +40,14 @@ runs_app = typer.Typer(help="Compare the pipeline's tracked stage runs (MLflow).
 app.add_typer(runs_app, name="runs")
 champion_app = typer.Typer(help="The promoted models + gallery that the service serves.", no_args_is_help=True)
 app.add_typer(champion_app, name="champion")
-classify_app = typer.Typer(help="Image classification: train, evaluate, export, predict (params: classify).",
-                           no_args_is_help=True)
 app.add_typer(classify_app, name="classify")
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-
-ParamsOpt = Annotated[Path, typer.Option("--params", help="params file")]
-OverrideOpt = Annotated[list[str] | None, typer.Option("-o", "--override", help="dotted override KEY=VALUE")]
-
-
-class CliError(Exception):
-    """A problem the user can fix; printed as one line."""
-
-
-def _fail_cleanly(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn expected errors into ``error: ...`` on stderr and exit code 1 (no traceback)."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from visrec.utils.logs import setup_logging
-
-        setup_logging("WARNING" if "VISREC_LOG_LEVEL" not in __import__("os").environ else None)
-        logging.getLogger("visrec").setLevel(logging.NOTSET)  # undo an earlier command's _info_logs
-        try:
-            return func(*args, **kwargs)
-        except (CliError, ConfigError, ValueError, FileNotFoundError, KeyError, OSError) as exc:
-            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-            print(f"error: {message}", file=sys.stderr)
-            raise typer.Exit(1) from None
-
-    return wrapper
-
-
-def _config(params: Path, overrides: list[str] | None) -> Config:
-    return load_config(params, overrides or [])
-
-
-def _served_config(params: Path, overrides: list[str] | None) -> Config:
-    """As ``_config``, with ``recognition`` naming what is served: the champion's models and
-    gallery when one is published (``serve.champion``), else the pipeline's latest outputs."""
-    import dataclasses
-
-    from visrec.workflows.champion import served_recognition
-
-    cfg = _config(params, overrides)
-    rec, _ = served_recognition(cfg, Path(params).resolve().parent)
-    return dataclasses.replace(cfg, recognition=rec)
-
-
-def _images_in(path: Path) -> list[Path]:
-    if path.is_dir():
-        images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not images:
-            raise CliError(f"{path} holds no image ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        return images
-    if not path.exists():
-        raise CliError(f"{path} does not exist: give an image file or a folder of images")
-    return [path]
 
 
 # ------------------------------------------------------------------------- recognize
 
 
 @app.command()
-@_fail_cleanly
+@fail_cleanly
 def recognize(
     path: Annotated[Path, typer.Argument(help="an image, or a folder searched recursively")],
     top_k: Annotated[int | None, typer.Option(help="gallery candidates per box")] = None,
@@ -123,8 +62,8 @@ def recognize(
     from visrec.inference.pipeline import RecognitionSystem
     from visrec.inference.visualize import save_visualization
 
-    images = _images_in(path)
-    cfg = _served_config(params, override)
+    images = images_in(path)
+    cfg = served_config(params, override)
     system = RecognitionSystem.from_config(cfg.recognition)
     failures = 0
     for image_path in images:
@@ -143,7 +82,7 @@ def recognize(
 
 
 @app.command()
-@_fail_cleanly
+@fail_cleanly
 def extract(
     image: Annotated[Path, typer.Argument(help="an image file")],
     params: ParamsOpt = Path("params.yaml"),
@@ -153,7 +92,7 @@ def extract(
     from visrec.imaging import load_image
     from visrec.inference.pipeline import load_extractor
 
-    extractor = load_extractor(_served_config(params, override).recognition)
+    extractor = load_extractor(served_config(params, override).recognition)
     vector = extractor.embed([load_image(image)])[0]
     print(json.dumps({"image": str(image), "fingerprint": extractor.fingerprint, "dim": int(vector.size),
                       "embedding": [round(float(v), 7) for v in vector]}))
@@ -169,7 +108,7 @@ def _load_gallery(cfg: Config):
 
 
 @gallery_app.command("build")
-@_fail_cleanly
+@fail_cleanly
 def gallery_build(
     list_file: Annotated[Path, typer.Argument(help="lines 'relative/path<delimiter>label'")],
     root: Annotated[Path | None, typer.Option(help="image paths are relative to this (default: the list's folder)")] = None,
@@ -179,12 +118,12 @@ def gallery_build(
     """Build a new gallery from a list file (replaces the current one only once complete)."""
     from visrec.workflows.gallery import build_from_list
 
-    gallery = build_from_list(_served_config(params, override), list_file, root)
+    gallery = build_from_list(served_config(params, override), list_file, root)
     print(json.dumps(gallery.info(), ensure_ascii=False))
 
 
 @gallery_app.command("add")
-@_fail_cleanly
+@fail_cleanly
 def gallery_add(
     list_file: Annotated[Path, typer.Argument(help="lines 'relative/path<delimiter>label'")],
     root: Annotated[Path | None, typer.Option(help="image paths are relative to this (default: the list's folder)")] = None,
@@ -194,12 +133,12 @@ def gallery_add(
     """Add images to the gallery: new labels are recognised at once, no retraining."""
     from visrec.workflows.gallery import add_from_list
 
-    result = add_from_list(_served_config(params, override), list_file, root)
+    result = add_from_list(served_config(params, override), list_file, root)
     print(json.dumps({k: result[k] for k in ("added", "ids", "count")}, ensure_ascii=False))
 
 
 @gallery_app.command("remove")
-@_fail_cleanly
+@fail_cleanly
 def gallery_remove(
     ids: Annotated[list[int] | None, typer.Option("--ids", help="gallery ids to remove (repeatable)")] = None,
     label: Annotated[str | None, typer.Option(help="remove every image of this label")] = None,
@@ -211,7 +150,7 @@ def gallery_remove(
         raise CliError("give either --ids or --label (one of them)")
     from visrec.workflows.gallery import change_gallery
 
-    cfg = _served_config(params, override)
+    cfg = served_config(params, override)
 
     def remove(gallery) -> int:
         if label is None:
@@ -227,14 +166,14 @@ def gallery_remove(
 
 
 @gallery_app.command("info")
-@_fail_cleanly
+@fail_cleanly
 def gallery_info(
     labels: Annotated[bool, typer.Option("--labels", help="also list the labels with their counts")] = False,
     params: ParamsOpt = Path("params.yaml"),
     override: OverrideOpt = None,
 ) -> None:
     """Print the gallery's metadata (type, size, fingerprint, threshold) as JSON."""
-    cfg = _served_config(params, override)
+    cfg = served_config(params, override)
     gallery = _load_gallery(cfg)
     info = gallery.info()
     if labels:
@@ -253,7 +192,7 @@ def _csv(text: str | None) -> list[str] | None:
 
 
 @runs_app.command("compare")
-@_fail_cleanly
+@fail_cleanly
 def runs_compare(
     experiment: Annotated[str | None, typer.Option(help="MLflow experiment (default: tracking.experiment)")] = None,
     stage: Annotated[str | None, typer.Option(help="only this stage's runs, e.g. evaluate")] = None,
@@ -267,7 +206,7 @@ def runs_compare(
     """Print the latest stage runs as a table: start, stage, commit, params hash, params, metrics."""
     from visrec.tracking import find_runs, resolve_uri, runs_table
 
-    cfg = _config(params, override)
+    cfg = load(params, override)
     uri = resolve_uri(cfg.tracking.uri, Path(params).resolve().parent)
     try:
         runs = find_runs(uri, experiment or cfg.tracking.experiment, stage, limit)
@@ -280,13 +219,13 @@ def runs_compare(
 
 
 @champion_app.command("show")
-@_fail_cleanly
+@fail_cleanly
 def champion_show(params: ParamsOpt = Path("params.yaml"), override: OverrideOpt = None) -> None:
     """Print the live champion's record (metrics, time, commit, carried-over gallery changes) as JSON."""
     from visrec.utils.fs import resolve_under
     from visrec.workflows.champion import champion_record
 
-    cfg = _config(params, override)
+    cfg = load(params, override)
     root = resolve_under(cfg.paths.champion, Path(params).resolve().parent)
     record = champion_record(root)
     if record is None:
@@ -295,7 +234,7 @@ def champion_show(params: ParamsOpt = Path("params.yaml"), override: OverrideOpt
 
 
 @champion_app.command("promote")
-@_fail_cleanly
+@fail_cleanly
 def champion_promote(params: ParamsOpt = Path("params.yaml")) -> None:
     """Run the promotion gate on the pipeline's latest outputs: with tracking on, on the MLflow
     registry aliases; else on the champion's recorded metrics. Prints the decision as JSON."""
@@ -307,97 +246,6 @@ def champion_promote(params: ParamsOpt = Path("params.yaml")) -> None:
     except ConnectionError as exc:
         raise CliError(f"tracking server: {exc} (set tracking.enabled: false to use the file-based gate)") from None
     print(json.dumps(result, indent=2, default=str))
-
-
-# ------------------------------------------------------------------------- classify
-
-
-def _info_logs() -> None:
-    """Training and evaluation report progress at INFO unless VISREC_LOG_LEVEL says otherwise."""
-    import os
-
-    if "VISREC_LOG_LEVEL" not in os.environ:
-        logging.getLogger("visrec").setLevel(logging.INFO)
-
-
-@classify_app.command("train")
-@_fail_cleanly
-def classify_train(
-    params: ParamsOpt = Path("params.yaml"),
-    override: OverrideOpt = None,
-) -> None:
-    """Train (or, with -o classify.resume=latest, continue) the classifier; prints the summary JSON."""
-    from visrec.classification.train import run_training
-
-    cfg = _config(params, override)
-    _info_logs()
-    summary = run_training(cfg.classify)
-    print(json.dumps({"run": cfg.classify.out, **summary}))
-
-
-@classify_app.command("eval")
-@_fail_cleanly
-def classify_eval(
-    exported: Annotated[bool, typer.Option("--exported", help="evaluate the exported model (classify.export)")] = False,
-    params: ParamsOpt = Path("params.yaml"),
-    override: OverrideOpt = None,
-) -> None:
-    """Top-1 / top-5 on the validation split, per-class accuracy CSV and confusion matrix PNG."""
-    from visrec.classification.evaluate import evaluate_classifier
-
-    cfg = _config(params, override)
-    _info_logs()
-    print(json.dumps(evaluate_classifier(cfg.classify, exported=exported), ensure_ascii=False))
-
-
-@classify_app.command("export")
-@_fail_cleanly
-def classify_export(
-    params: ParamsOpt = Path("params.yaml"),
-    override: OverrideOpt = None,
-) -> None:
-    """Export the trained classifier (Paddle inference files, ONNX, model.json with the class map)."""
-    from visrec.classification.predict import export_run
-
-    cfg = _config(params, override)
-    c = cfg.classify
-    meta = export_run(c.out, c.export, c.checkpoint, onnx=c.onnx)
-    print(json.dumps({"export": c.export, "fingerprint": meta["fingerprint"], "num_classes": meta["num_classes"],
-                      "files": meta["files"]}))
-
-
-@classify_app.command("predict")
-@_fail_cleanly
-def classify_predict(
-    path: Annotated[Path, typer.Argument(help="an image, or a folder searched recursively")],
-    top_k: Annotated[int | None, typer.Option("--top-k", help="classes per image (default: classify.top_k)")] = None,
-    exported: Annotated[bool, typer.Option(
-        "--exported", help="use the exported model (classify.export) instead of the checkpoint")] = False,
-    params: ParamsOpt = Path("params.yaml"),
-    override: OverrideOpt = None,
-) -> None:
-    """Top-k class ids, names and scores: one JSON line per image."""
-    from visrec.classification.predict import ClassifierPredictor
-
-    images = _images_in(path)
-    cfg = _config(params, override)
-    c = cfg.classify
-    k = c.top_k if top_k is None else top_k
-    if k < 1:
-        raise CliError(f"--top-k must be >= 1, got {k}")
-    if exported:
-        predictor = ClassifierPredictor.from_export(c.export, c.backend, c.num_threads)
-    else:
-        predictor = ClassifierPredictor.from_run(c.out, c.checkpoint)
-    failures = 0
-    for result in predictor.predict_files(images, k):
-        if "error" in result:
-            if len(images) == 1:
-                raise CliError(result["error"])
-            failures += 1  # one bad file in a folder does not stop the others
-        print(json.dumps(result, ensure_ascii=False), flush=True)
-    if failures:
-        raise CliError(f"{failures} of {len(images)} image(s) could not be read (see their JSON lines)")
 
 
 def main() -> None:  # pragma: no cover - console entry point
