@@ -99,6 +99,22 @@ def test_new_params_start_a_new_parent(repo):
     assert len({r.data.tags["mlflow.parentRunId"] for r in runs}) == 2
 
 
+def test_an_offline_download_is_one_error_line(tmp_path, monkeypatch, capsys):
+    """Expected failures end a stage as the CLI ends a command: one `error:` line, exit 1."""
+    from visrec.data.download import DownloadError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("tracking: {enabled: false}\n")
+
+    def offline(cfg):
+        raise DownloadError("cannot download https://example.invalid/CUB_200_2011.tgz: no network; "
+                            "use a local copy (data.source: /path/to/CUB_200_2011.tgz)")
+
+    assert run_stage("download", offline, argv=[]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: stage 'download': cannot download") and "Traceback" not in err
+
+
 def test_failed_stage_is_logged_as_failed(repo):
     def broken(cfg):
         raise ValueError("bad input")

@@ -11,7 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
-from visrec.config import Config, ConfigError, load_config
+from visrec.config import Config, load_config
+from visrec.workflows.stage_runner import EXPECTED_ERRORS
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -34,7 +35,7 @@ def fail_cleanly(func: Callable[..., Any]) -> Callable[..., Any]:
         logging.getLogger("visrec").setLevel(logging.NOTSET)  # undo an earlier command's _info_logs
         try:
             return func(*args, **kwargs)
-        except (CliError, ConfigError, ValueError, FileNotFoundError, KeyError, OSError) as exc:
+        except (CliError, KeyError, *EXPECTED_ERRORS) as exc:  # KeyError: e.g. an unknown gallery id
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
             print(f"error: {message}", file=sys.stderr)
             raise typer.Exit(1) from None
