@@ -16,14 +16,8 @@ import pytest
 
 from visrec.config import ValidateConfig
 from visrec.data.cub import read_cub
-from visrec.data.validation import (
-    MANIFEST_COLUMNS,
-    RULES,
-    box_overshoot,
-    build_manifest,
-    validate_manifest,
-    write_outputs,
-)
+from visrec.data.manifest import MANIFEST_COLUMNS, box_overshoot, build_manifest
+from visrec.data.validation import RULES, validate_manifest, write_outputs
 
 REAL_CUB = Path("/work/shared/data/cub_subset/CUB_200_2011")
 SIZE = 64  # fixture images are SIZE x SIZE: a 1-pixel overshoot is 1/64 < 0.02

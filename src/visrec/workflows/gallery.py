@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from visrec.config import Config, RecognitionConfig, load_config
-from visrec.data.validation import probe_image
+from visrec.data.manifest import probe_image
 from visrec.index.faiss_index import index_params
 from visrec.index.gallery import Gallery, update_lock
 from visrec.inference.gallery_ops import GalleryItem, add_items, build_gallery, items_from_list
@@ -104,7 +104,7 @@ def validate_gallery_images(items: Sequence[GalleryItem], min_width: int, min_he
     """Problems with new gallery images (empty list: all good).
 
     The checks of the validate stage's ``file_decodes`` and ``min_size`` rules, on the same
-    probe (:func:`visrec.data.validation.probe_image`: exists, full decode, size), plus a
+    probe (:func:`visrec.data.manifest.probe_image`: exists, full decode, size), plus a
     non-empty label. Done directly, not through a Great Expectations suite (GX takes ~10 s to
     import for a handful of images).
     """
