@@ -13,10 +13,9 @@ from visrec.data.datasets import RetrievalDataset, make_loader
 from visrec.data.split_list import ListFileError, read_split_list
 from visrec.data.samplers import PKSampler
 from visrec.imaging import ImageReadError, crop_box, load_image
-from visrec.data.transforms import (
+from visrec.data.transform_ops import (
     CenterCrop,
     ColorJitter,
-    Compose,
     Normalize,
     RandomCrop,
     RandomErasing,
@@ -25,9 +24,8 @@ from visrec.data.transforms import (
     RandomRotation,
     Resize,
     ToCHW,
-    build_transforms,
-    train_resize_size,
 )
+from visrec.data.transforms import Compose, build_transforms, train_resize_size
 
 RNG = np.random.default_rng
 

@@ -31,7 +31,7 @@ import paddle
 from tqdm import tqdm
 
 from visrec.data.cub import resolve_root
-from visrec.data.transforms import ColorJitter
+from visrec.data.transform_ops import ColorJitter
 from visrec.imaging import (
     ImageReadError,
     ResizeInfo,
