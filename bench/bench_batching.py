@@ -101,7 +101,7 @@ def main() -> None:
     raw["serve"]["champion"] = False  # measure exactly the models named above
     images = synthetic_images()
     if not Path(rec["gallery"]).exists():  # /embed needs none, but the service loads one: a small one
-        from visrec.inference.extractor import Extractor
+        from visrec.inference.extractor_runtime import Extractor
         from visrec.inference.gallery_ops import GalleryItem, build_gallery
 
         paths = []

@@ -20,7 +20,7 @@ import numpy as np
 import paddle
 
 from visrec.config import load_config
-from visrec.inference.detector import Detector, dygraph_predict_fn, export_detector
+from visrec.inference.detector_runtime import Detector, dygraph_predict_fn, export_detector
 from visrec.inference.predictors import Predictor
 from visrec.training.detector import build_model, model_config
 from visrec.utils.logs import setup_logging

@@ -27,7 +27,7 @@ from visrec.config import load_config
 from visrec.data.cub import CUB_DIRNAME, read_cub
 from visrec.data.split import coco_for, write_split
 from visrec.data.synthetic import generate
-from visrec.inference.detector import exported_predict_fn
+from visrec.inference.detector_runtime import exported_predict_fn
 from visrec.training.detector import (build_model, evaluate_detector, make_dataset, model_config,
                                       postprocess_params, train_detector)
 from visrec.utils.logs import setup_logging

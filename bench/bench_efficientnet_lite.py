@@ -36,7 +36,7 @@ def main() -> None:
 
     from visrec.inference.export import export_layer
     from visrec.inference.predictors import Predictor
-    from visrec.models.backbones import create_backbone
+    from visrec.models.registry import create_backbone
     from visrec.utils.logs import setup_logging
     from visrec.utils.timing import rate
 

@@ -18,7 +18,7 @@ from visrec.config import load_config
 from visrec.inference.export import export_extractor
 from visrec.inference.predictors import Predictor
 from visrec.models.losses import build_loss
-from visrec.training.extractor import build_model, model_config
+from visrec.training.extractor_training import build_model, model_config
 from visrec.utils.logs import setup_logging
 from visrec.utils.timing import rate
 

@@ -38,7 +38,7 @@ from visrec.data.split import write_split
 from visrec.evaluation.retrieval_eval import evaluate_extractor
 from visrec.inference.export import export_extractor
 from visrec.models.extractor import build_rec_model
-from visrec.training.extractor import load_trained, model_config, run_training
+from visrec.training.extractor_training import load_trained, model_config, run_training
 from visrec.utils.logs import setup_logging
 
 KEYS = ("recall@1", "recall@5", "mAP", "MAP@R")

@@ -15,8 +15,8 @@ import argparse
 import dataclasses
 
 from visrec.config import load_config
-from visrec.data.datasets import load_image
-from visrec.index.build import QUERIES, read_queries
+from visrec.imaging import load_image
+from visrec.evaluation.system_eval import QUERIES_FILE, read_queries
 from visrec.inference.pipeline import RecognitionSystem
 from visrec.utils.logs import setup_logging
 
@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging("WARNING")
     cfg = load_config(args.params, args.override)
-    queries = read_queries(f"{cfg.paths.index}/{QUERIES}")[: args.images]
+    queries = read_queries(f"{cfg.paths.index}/{QUERIES_FILE}")[: args.images]
     images = [load_image(q.path) for q in queries]
 
     settings = {

@@ -36,15 +36,15 @@ from tqdm import tqdm
 
 from visrec.config import load_config
 from visrec.data.cub import read_cub
-from visrec.data.datasets import load_image
+from visrec.imaging import load_image
 from visrec.data.split import coco_for
 from visrec.evaluation.system_eval import class_label
-from visrec.index.build import index_params
-from visrec.inference.extractor import Extractor
+from visrec.index.faiss_index import index_params
+from visrec.inference.extractor_runtime import Extractor
 from visrec.inference.gallery_ops import GalleryItem, build_gallery
 from visrec.inference.pipeline import RecognitionSystem, load_detector
 from visrec.metrics.detection import coco_detection_metrics
-from visrec.serving.champion import served_recognition
+from visrec.workflows.champion import served_recognition
 from visrec.utils.logs import setup_logging
 
 
@@ -105,7 +105,7 @@ def run_system(cfg, rec, gallery_items, queries, cub_dir: Path, progress: bool) 
 
 def detector_ap(rec, meta, queries, cub_dir: Path, progress: bool) -> dict:
     # the detector's own max_det (model.json), every score: AP needs the whole ranking
-    from visrec.inference.detector import Detector
+    from visrec.inference.detector_runtime import Detector
 
     detector = Detector(rec.detector, backend=rec.backend, num_threads=rec.num_threads, score_threshold=0.0)
     coco, _ = coco_for(meta, [image for image, _ in queries])

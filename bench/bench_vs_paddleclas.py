@@ -62,14 +62,14 @@ from visrec.data.cub import read_cub
 from visrec.data.datasets import load_image
 from visrec.data.split import write_split
 from visrec.evaluation.retrieval_eval import eval_dataset_for, evaluate_embeddings
-from visrec.index.build import index_params
+from visrec.index.faiss_index import index_params
 from visrec.inference.export import export_extractor, read_model_json
-from visrec.inference.extractor import Extractor
+from visrec.inference.extractor_runtime import Extractor
 from visrec.inference.gallery_ops import GalleryItem, build_gallery
 from visrec.inference.pipeline import RecognitionSystem
 from visrec.inference.predictors import Predictor
 from visrec.metrics.retrieval import retrieval_metrics
-from visrec.training.extractor import model_config, train_extractor
+from visrec.training.extractor_training import model_config, train_extractor
 from visrec.utils.logs import setup_logging
 
 from bench_service import run_level  # noqa: E402  (bench/ is this script's folder)

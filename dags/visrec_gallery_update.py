@@ -7,11 +7,8 @@ is params ``index.delimiter``). Tasks: validate (every image exists, decodes, me
 stage's min size, has a label: otherwise nothing is added) -> add_to_gallery (embed with
 ``recognition.extractor``, publish a new gallery version atomically) -> notify_service.
 
-Env: VISREC_REPO (default: the parent of this dags folder), VISREC_PARAMS (default
-``<repo>/params.yaml``), VISREC_SERVICE_URL (unset: the notify task logs a skip).
+Env: VISREC_REPO (default: this folder's parent), VISREC_PARAMS (``<repo>/params.yaml``), VISREC_SERVICE_URL.
 """
-
-from __future__ import annotations
 
 import os
 from datetime import datetime
@@ -33,23 +30,24 @@ def _params_path() -> str:
 def visrec_gallery_update():
     @task(task_id="validate")
     def validate(params=None) -> dict:
-        from visrec.orchestration import check_gallery_update
+        from visrec.config import load_config
+        from visrec.workflows.gallery import check_gallery_update
 
         if not params["images_dir"] or not params["label_file"]:
             raise ValueError("trigger with params {'images_dir': ..., 'label_file': ...}")
-        return check_gallery_update(params["images_dir"], params["label_file"], _params_path())
+        return check_gallery_update(load_config(_params_path()), params["images_dir"], params["label_file"])
 
     @task(task_id="add_to_gallery")
     def add(checked: dict, params=None) -> dict:
-        from visrec.orchestration import update_gallery
+        from visrec.workflows.gallery import update_served_gallery
 
-        result = update_gallery(params["images_dir"], params["label_file"], _params_path())
+        result = update_served_gallery(_params_path(), params["images_dir"], params["label_file"])
         print(f"gallery update: {result}")
         return result
 
     @task(task_id="notify_service")
     def notify(result: dict) -> str:
-        from visrec.orchestration import notify_service_reload
+        from visrec.workflows.pipeline import notify_service_reload
 
         line = notify_service_reload(os.environ.get("VISREC_SERVICE_URL"), expected_version=result["version"])
         print(line)

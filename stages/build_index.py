@@ -4,8 +4,8 @@ from pathlib import Path
 
 from visrec.config import Config
 from visrec.data.cub import CUB_DIRNAME
-from visrec.index.build import run_build_index
-from visrec.utils.stage import main
+from visrec.workflows.build_index import run_build_index
+from visrec.workflows.stage_runner import main
 
 
 def build_index(cfg: Config) -> None:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from visrec.config import Config
 from visrec.data.download import materialize
-from visrec.utils.stage import main
+from visrec.workflows.stage_runner import main
 
 
 def download(cfg: Config) -> None:

@@ -3,18 +3,18 @@
 from pathlib import Path
 
 from visrec.config import Config
-from visrec.inference.detector import export_detector
+from visrec.inference.detector_runtime import export_detector
 from visrec.inference.export import export_extractor
-from visrec.training import detector as detector_training
-from visrec.training import extractor as extractor_training
-from visrec.utils.stage import main
+from visrec.training.detector import load_trained as load_trained_detector
+from visrec.training.extractor_training import load_trained as load_trained_extractor
+from visrec.workflows.stage_runner import main
 
 
 def export(cfg: Config) -> None:
     out = Path(cfg.paths.export)
-    model, model_cfg = extractor_training.load_trained(Path(cfg.paths.extractor), cfg.export.checkpoint)
+    model, model_cfg = load_trained_extractor(Path(cfg.paths.extractor), cfg.export.checkpoint)
     export_extractor(model, model_cfg, out / "extractor", onnx=cfg.export.onnx)
-    detector, detector_cfg = detector_training.load_trained(Path(cfg.paths.detector), cfg.export.checkpoint)
+    detector, detector_cfg = load_trained_detector(Path(cfg.paths.detector), cfg.export.checkpoint)
     export_detector(detector, detector_cfg, out / "detector", onnx=cfg.export.onnx)
 
 

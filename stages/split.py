@@ -6,7 +6,7 @@ from visrec.config import Config
 from visrec.data.cub import CUB_DIRNAME, read_cub
 from visrec.data.split import write_split
 from visrec.utils.fs import atomic_dir, write_json
-from visrec.utils.stage import main
+from visrec.workflows.stage_runner import main
 
 
 def split(cfg: Config) -> None:

@@ -5,7 +5,7 @@ from pathlib import Path
 from visrec.config import Config
 from visrec.data.cub import CUB_DIRNAME
 from visrec.training.detector import run_training
-from visrec.utils.stage import main
+from visrec.workflows.stage_runner import main
 
 
 def train(cfg: Config) -> None:

@@ -4,8 +4,8 @@ from pathlib import Path
 
 from visrec.config import Config
 from visrec.data.cub import CUB_DIRNAME
-from visrec.training.extractor import run_training
-from visrec.utils.stage import main
+from visrec.training.extractor_training import run_training
+from visrec.workflows.stage_runner import main
 
 
 def train(cfg: Config) -> None:

@@ -4,9 +4,10 @@ from pathlib import Path
 
 from visrec.config import Config
 from visrec.data.cub import CUB_DIRNAME, read_cub
-from visrec.data.validation import build_manifest, validate_manifest, write_outputs
+from visrec.data.manifest import build_manifest
+from visrec.data.validation import validate_manifest, write_outputs
 from visrec.utils.fs import atomic_dir, write_json
-from visrec.utils.stage import StageError, main
+from visrec.workflows.stage_runner import StageError, main
 
 
 def validate(cfg: Config) -> None:

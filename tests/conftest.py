@@ -52,15 +52,16 @@ def exported_models(tiny_cub, tmp_path_factory):
     import numpy as np
     import paddle
 
+    from recipes import scratch
+
     from visrec.config import config_from_dict
-    from visrec.data.datasets import load_image
-    from visrec.inference.detection_post import normalize_chw
-    from visrec.inference.detector import export_detector
+    from visrec.imaging import load_image, normalize_chw
+    from visrec.inference.detector_runtime import export_detector
     from visrec.inference.export import export_extractor
     from visrec.models.detector import build_detector
     from visrec.models.extractor import build_rec_model
     from visrec.training import detector as det_training
-    from visrec.training import extractor as ext_training
+    from visrec.training import extractor_training as ext_training
 
     root, _ = tiny_cub
     out = tmp_path_factory.mktemp("exported")
@@ -75,9 +76,10 @@ def exported_models(tiny_cub, tmp_path_factory):
     # random 32-d projection, at 64 px: small and fast, yet its embeddings tell images apart (a
     # random MobileNet maps every image to nearly the same vector, so matches would be ties).
     cfg = config_from_dict({
-        "extractor": {"backbone": {"name": "efficientnet_lite0", "pretrained": "imagenet", "pool": "gem"},
-                      "neck": {"name": "FCNeck", "embedding_size": 32}, "image": {"size": 64}},
-        "detector": {"neck_channels": 16, "head_convs": 1, "image": {"size": 64}},
+        "extractor": scratch("extractor", {
+            "backbone": {"name": "efficientnet_lite0", "pretrained": "imagenet", "pool": "gem"},
+            "neck": {"name": "FCNeck", "embedding_size": 32}, "image": {"size": 64}}),
+        "detector": scratch("detector", {"neck_channels": 16, "head_convs": 1, "image": {"size": 64}}),
     })
     ext_cfg = ext_training.model_config(cfg.extractor, class_num=4)
     model = build_rec_model(ext_cfg["backbone"], ext_cfg["neck"], ext_cfg["head"], ext_cfg["class_num"])
@@ -101,7 +103,7 @@ def pipeline_repo(tmp_path, exported_models, tiny_cub):
     import shutil
 
     from visrec.data.cub import read_cub
-    from visrec.inference.extractor import Extractor
+    from visrec.inference.extractor_runtime import Extractor
     from visrec.inference.gallery_ops import GalleryItem, build_gallery
 
     root, _ = tiny_cub

@@ -1,4 +1,4 @@
-"""visrec.serving.champion and visrec.serving.live: publishing the champion, serving it, following it."""
+"""visrec.workflows.champion and visrec.serving.live: publishing the champion, serving it, following it."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from visrec.config import config_from_dict
-from visrec.data.datasets import load_image
+from visrec.imaging import load_image
 from visrec.index.gallery import Gallery, UnknownIdError
-from visrec.inference.extractor import Extractor
+from visrec.inference.extractor_runtime import Extractor
 from visrec.inference.gallery_ops import GalleryItem
-from visrec.serving.champion import (
+from visrec.workflows.champion import (
     champion_record,
     current_champion,
     publish_champion,

@@ -24,12 +24,16 @@ from visrec.classification.data import (
     read_folder_tree,
     read_label_list,
 )
-from visrec.classification.evaluate import evaluate_classifier, topk_accuracy
+from visrec.classification.evaluate import evaluate_classifier
 from visrec.classification.mixing import mix_batch, one_hot, soft_cross_entropy
+from visrec.classification.model import load_trained
 from visrec.classification.predict import ClassifierPredictor, export_run, top_k_entries
+from visrec.classification.scoring import topk_accuracy
+from recipes import scratch
+
 from visrec.config import config_from_dict
 from visrec.data.cub import read_cub
-from visrec.data.datasets import load_image
+from visrec.imaging import load_image
 from visrec.training.engine import EngineConfig
 
 pytestmark = pytest.mark.slow
@@ -47,7 +51,7 @@ def tiny_raw(root, tmp, **extra) -> dict:
         "out": str(tmp / "run"), "export": str(tmp / "export"), "num_threads": 1,
     }
     raw.update(extra)
-    return raw
+    return scratch("classify", raw)
 
 
 def tiny_config(root, tmp, **extra):
@@ -222,8 +226,8 @@ def test_resume_latest_continues_a_killed_run(trained, colour_cub, tmp_path, mon
     rows = (tmp_path / "run" / "history.csv").read_text().splitlines()
     assert len(rows) == 11  # epoch 1 from the killed run, epochs 2-10 from the resumed one
     # exact resume: the same weights as the uninterrupted run
-    resumed, _, _ = train_mod.load_trained(tmp_path / "run", "latest")
-    full, _, _ = train_mod.load_trained(full_tmp / "run", "latest")
+    resumed, _, _ = load_trained(tmp_path / "run", "latest")
+    full, _, _ = load_trained(full_tmp / "run", "latest")
     a, b = weights(full), weights(resumed)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)

@@ -1,10 +1,13 @@
 import dataclasses
 import typing
+from pathlib import Path
 
 import pytest
 import yaml
 
 from visrec.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_repo_params_load_and_match_defaults(repo_root):
@@ -93,3 +96,24 @@ def test_missing_and_malformed_params_files(tmp_path):
     bad.write_text("split: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def _differences(default, loaded, path=""):
+    if isinstance(default, dict) and isinstance(loaded, dict):
+        return [d for key in sorted(set(default) | set(loaded))
+                for d in _differences(default.get(key, "<absent>"), loaded.get(key, "<absent>"),
+                                      f"{path}.{key}" if path else key)]
+    return [] if default == loaded else [f"{path}: default {default!r}, params.yaml {loaded!r}"]
+
+
+def test_dataclass_defaults_are_params_yaml():
+    """One source of truth: Config() builds what params.yaml builds, field by field."""
+    differences = _differences(Config().to_dict(), load_config(REPO / "params.yaml").to_dict())
+    assert not differences, "config defaults disagree with params.yaml:\n" + "\n".join(differences)
+
+
+def test_a_changed_default_is_reported():
+    changed = Config()
+    changed.extractor.image.size = 96
+    assert _differences(changed.to_dict(), Config().to_dict()) == [
+        "extractor.image.size: default 96, params.yaml 224"]

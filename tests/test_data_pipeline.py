@@ -9,20 +9,13 @@ import numpy as np
 import pytest
 
 from visrec.data import datasets as ds
-from visrec.data.datasets import (
-    ImageReadError,
-    ListFileError,
-    RetrievalDataset,
-    crop_box,
-    load_image,
-    make_loader,
-    read_list,
-)
+from visrec.data.datasets import RetrievalDataset, make_loader
+from visrec.data.split_list import ListFileError, read_split_list
 from visrec.data.samplers import PKSampler
-from visrec.data.transforms import (
+from visrec.imaging import ImageReadError, crop_box, load_image
+from visrec.data.transform_ops import (
     CenterCrop,
     ColorJitter,
-    Compose,
     Normalize,
     RandomCrop,
     RandomErasing,
@@ -31,9 +24,8 @@ from visrec.data.transforms import (
     RandomRotation,
     Resize,
     ToCHW,
-    build_transforms,
-    train_resize_size,
 )
+from visrec.data.transforms import Compose, build_transforms, train_resize_size
 
 RNG = np.random.default_rng
 
@@ -73,12 +65,12 @@ def tiny_set(tmp_path: Path) -> tuple[Path, Path, dict[int, tuple[float, float, 
     return root, list_file, boxes
 
 
-# ---------------------------------------------------------------- read_list
+# ---------------------------------------------------------------- read_split_list
 
 def test_read_list_parses_paths_with_spaces_and_skips_blank_lines(tmp_path: Path) -> None:
     f = tmp_path / "list.txt"
     f.write_text("images/001.A b/x y.jpg 1 10\r\n\nimages/002.B/z.jpg 2 11  \n", encoding="utf-8")
-    entries = read_list(f)
+    entries = read_split_list(f)
     assert [(e.path, e.label, e.unique_id) for e in entries] == [
         ("images/001.A b/x y.jpg", 1, 10), ("images/002.B/z.jpg", 2, 11)]
 
@@ -93,13 +85,21 @@ def test_read_list_names_file_and_line_of_a_bad_line(tmp_path: Path, bad_line: s
     f = tmp_path / "list.txt"
     f.write_text(f"images/ok.jpg 1 1\n{bad_line}\n", encoding="utf-8")
     with pytest.raises(ListFileError, match=needle) as info:
-        read_list(f)
+        read_split_list(f)
     assert f"{f}:2:" in str(info.value)
+
+
+def test_duplicate_unique_ids_may_be_left_to_the_validation_rule(tmp_path: Path) -> None:
+    f = tmp_path / "list.txt"
+    f.write_text("images/a.jpg 1 1\nimages/b.jpg 1 1\n", encoding="utf-8")
+    assert [e.path for e in read_split_list(f, require_unique_ids=False)] == ["images/a.jpg", "images/b.jpg"]
+    with pytest.raises(ListFileError, match="already used"):
+        read_split_list(f)
 
 
 def test_read_list_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ListFileError, match="split stage"):
-        read_list(tmp_path / "nope.txt")
+        read_split_list(tmp_path / "nope.txt")
 
 
 # ---------------------------------------------------------------- load_image / crop_box

@@ -12,8 +12,10 @@ import numpy as np
 import paddle
 import pytest
 
+from recipes import scratch
+
 from visrec.config import DetectorConfig, config_from_dict
-from visrec.data.datasets import ImageReadError, load_image
+from visrec.imaging import ImageReadError, load_image
 from visrec.data.det_dataset import (
     CropKeepingBoxes,
     DetectionDataError,
@@ -24,18 +26,12 @@ from visrec.data.det_dataset import (
     collate_detection,
     read_coco,
 )
-from visrec.inference.detection_post import (
-    ResizeInfo,
-    box_iou,
-    nms,
-    postprocess,
-    resize_geometry,
-    resize_to_input,
-)
-from visrec.inference.detector import Detector, dygraph_predict_fn, export_detector, split_outputs
+from visrec.imaging import ResizeInfo, resize_geometry, resize_to_input
+from visrec.inference.detection_post import box_iou, nms, postprocess
+from visrec.inference.detector_runtime import Detector, dygraph_predict_fn, export_detector, split_outputs
 from visrec.inference.export import read_model_json
 from visrec.metrics.detection import coco_detection_metrics
-from visrec.models.backbones import create_backbone
+from visrec.models.registry import create_backbone
 from visrec.models.detector import (
     DetectionLoss,
     MainbodyDetector,
@@ -84,7 +80,7 @@ def tiny_config(**extra) -> DetectorConfig:
         "score_threshold": 0.0, "seed": 3,
     }
     raw.update(extra)
-    return config_from_dict({"detector": raw}).detector
+    return config_from_dict({"detector": scratch("detector", raw)}).detector
 
 
 # ------------------------------------------------------------------ assignment

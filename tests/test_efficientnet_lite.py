@@ -231,7 +231,7 @@ def test_static_same_padding_is_tf_same_at_224():
 def test_backbone_contract():
     import paddle
 
-    from visrec.models.backbones import create_backbone, list_backbones
+    from visrec.models.registry import create_backbone, list_backbones
 
     assert "efficientnet_lite0" in list_backbones()
     model = create_backbone("efficientnet_lite0")
@@ -310,7 +310,7 @@ def test_imagenet_known_answers(cache_env):
 def test_pretrained_features_match_classifier_trunk(cache_env):
     import paddle
 
-    from visrec.models.backbones import create_backbone
+    from visrec.models.registry import create_backbone
     from visrec.models.efficientnet_lite import efficientnet_lite0_classifier
 
     backbone = create_backbone("efficientnet_lite0", pretrained="imagenet")
@@ -328,7 +328,7 @@ def test_export_parity_paddle_inference_and_onnx(cache_env, tmp_path):
 
     from visrec.inference.export import export_layer
     from visrec.inference.predictors import Predictor
-    from visrec.models.backbones import create_backbone
+    from visrec.models.registry import create_backbone
 
     model = create_backbone("efficientnet_lite0", pretrained="imagenet")
     model.eval()
@@ -363,7 +363,7 @@ def test_pretrained_imagenet_through_the_extractor_config(cache_env):
 def test_normalisation_defaults_to_the_backbones_own():
     from visrec.config import config_from_dict
     from visrec.training.detector import normalization as detector_normalization
-    from visrec.training.extractor import normalization
+    from visrec.training.extractor_training import normalization
 
     lite = config_from_dict({"extractor": {"backbone": {"name": "efficientnet_lite0"}}}).extractor
     assert normalization(lite) == ([127 / 255] * 3, [128 / 255] * 3)
@@ -375,7 +375,7 @@ def test_normalisation_defaults_to_the_backbones_own():
 
 
 def test_named_weights_on_a_backbone_without_them_are_refused():
-    from visrec.models.backbones import build_backbone
+    from visrec.models.registry import build_backbone
 
     with pytest.raises(ValueError, match="no named weights"):
         build_backbone("mobilenet_v1", pretrained="imagenet", scale=0.25)

@@ -7,13 +7,15 @@ import numpy as np
 import paddle
 import pytest
 
+from recipes import scratch
+
 from visrec.config import ExtractorConfig, config_from_dict
 from visrec.inference.export import EmbeddingNet, export_extractor, read_model_json, weights_fingerprint
 from visrec.evaluation.retrieval_eval import eval_dataset_for
 from visrec.inference.predictors import Predictor
-from visrec.training import extractor as extractor_mod
+from visrec.training import extractor_training as extractor_mod
 from visrec.training.engine import EngineConfig
-from visrec.training.extractor import load_trained, run_training, train_extractor
+from visrec.training.extractor_training import load_trained, run_training, train_extractor
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +30,7 @@ def tiny_config(**extra) -> ExtractorConfig:
         "epochs": 2, "eval_every": 1, "eval_batch_size": 16, "seed": 1,
     }
     raw.update(extra)
-    return config_from_dict({"extractor": raw}).extractor
+    return config_from_dict({"extractor": scratch("extractor", raw)}).extractor
 
 
 def state(model):

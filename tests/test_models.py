@@ -11,14 +11,10 @@ import pytest
 from paddle import nn
 from paddle.nn import functional as F
 
-from visrec.models.backbones import (
-    PPLCNetV2,
-    RepDepthwise,
-    create_backbone,
-    list_backbones,
-    load_pretrained,
-    mobilenet_v1,
-)
+from visrec.models.mobilenet_v1 import mobilenet_v1
+from visrec.models.pplcnet_v2 import PPLCNetV2, RepDepthwise
+from visrec.models.registry import create_backbone, list_backbones
+from visrec.models.weights import load_pretrained
 from visrec.models.extractor import RecModel, build_rec_model, param_groups
 from visrec.models.heads import ArcMarginHead, CosMarginHead, FCHead, create_head
 from visrec.models.necks import BNNeck, FCBNNeck, FCNeck, create_neck
@@ -162,7 +158,7 @@ def test_load_pretrained_reports_mismatches(tmp_path, caplog):
     kept_before = model.state_dict()["blocks.0.pw.conv.weight"].numpy().copy()
     path = tmp_path / "mismatched.pdparams"
     paddle.save(state, str(path))
-    with caplog.at_level(logging.WARNING, logger="visrec.models.backbones"):
+    with caplog.at_level(logging.WARNING, logger="visrec.models.weights"):
         missing, unexpected = load_pretrained(model, path)
     assert missing == ["stem.bn.weight"]
     assert sorted(unexpected) == ["blocks.0.pw.conv.weight", "extra.weight"]

@@ -6,7 +6,8 @@ import numpy as np
 import paddle
 import pytest
 
-from visrec.models.backbones import GeM, build_backbone
+from visrec.models.layers import GeM
+from visrec.models.registry import build_backbone
 from visrec.models.extractor import build_rec_model, param_groups
 from visrec.models.freezing import backbone_units
 

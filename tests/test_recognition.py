@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from visrec.cli import app
 from visrec.config import RecognitionConfig
 from visrec.data.cub import read_cub
-from visrec.data.datasets import load_image, read_list
+from visrec.data.split_list import read_split_list
+from visrec.imaging import load_image
 from visrec.evaluation.system_eval import (
     choose_threshold,
     class_label,
@@ -22,7 +23,7 @@ from visrec.evaluation.system_eval import (
 )
 from visrec.index.gallery import Gallery, GalleryMismatchError, Hit
 from visrec.index.listfile import write_list_file
-from visrec.inference.extractor import Extractor
+from visrec.inference.extractor_runtime import Extractor
 from visrec.inference.gallery_ops import GalleryItem, build_gallery
 from visrec.inference.pipeline import RecognitionSystem
 from visrec.inference.visualize import draw_results, save_visualization
@@ -40,7 +41,7 @@ def rec_config(exported, gallery: Path, detector: bool = True, **extra) -> Recog
 def test_images(tiny_cub):
     root, split = tiny_cub
     meta = read_cub(root)
-    test_ids = {e.unique_id for e in read_list(split / "test_list.txt")}
+    test_ids = {e.unique_id for e in read_split_list(split / "test_list.txt")}
     return [im for im in meta.images if im.image_id in test_ids], meta
 
 
@@ -164,7 +165,7 @@ def test_real_cub_photo_gives_the_documented_format(exported_models, cub_subset,
     gallery = build_gallery(extractor, [GalleryItem(p, "Black footed Albatross") for p in photos], "FLAT",
                             progress=False)
     system = RecognitionSystem(extractor, gallery, settings=RecognitionConfig(score_threshold=0.0))
-    from visrec.inference.detector import Detector
+    from visrec.inference.detector_runtime import Detector
 
     system.detector = Detector(exported_models[1], score_threshold=0.0)
     results = system.predict(load_image(photos[0]))

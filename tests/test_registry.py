@@ -1,4 +1,5 @@
-"""MLflow model registry (``visrec.registry``): pyfunc round trip, idempotent registration, alias gate.
+"""MLflow model registry (``visrec.model_registry``, the gate in ``visrec.workflows.promotion``): pyfunc round
+trip, idempotent registration, alias gate.
 
 Tiny exported models (``exported_models``) on a temp SQLite store with artifacts in tmp.
 """
@@ -57,15 +58,15 @@ def models(exported_models, tmp_path_factory):
 @pytest.fixture(scope="module")
 def registered(store, models):
     """Both tiny exports registered once: {kind: ModelVersion}."""
-    from visrec.registry import log_and_register
+    from visrec.workflows.promotion import register_candidate
 
     cfg, _ = store
     ext_dir, det_dir = models
-    return {"extractor": log_and_register(ext_dir, "extractor", {"recall@1": 0.5, "mAP": 0.4}, cfg),
-            "detector": log_and_register(det_dir, "detector", {"det_AP50": 0.6}, cfg)}
+    return {"extractor": register_candidate(ext_dir, "extractor", {"recall@1": 0.5, "mAP": 0.4}, cfg),
+            "detector": register_candidate(det_dir, "detector", {"det_AP50": 0.6}, cfg)}
 
 
-def test_log_and_register(store, registered, models):
+def test_register_candidate(store, registered, models):
     from visrec.inference.export import read_model_json
 
     cfg, client = store
@@ -86,8 +87,8 @@ def test_log_and_register(store, registered, models):
 def test_pyfunc_predicts_like_the_models(store, registered, models):
     import mlflow
 
-    from visrec.inference.detector import Detector
-    from visrec.inference.extractor import Extractor
+    from visrec.inference.detector_runtime import Detector
+    from visrec.inference.extractor_runtime import Extractor
 
     cfg, _ = store
     ext_dir, det_dir = models
@@ -116,11 +117,11 @@ def test_pyfunc_predicts_like_the_models(store, registered, models):
 
 
 def test_reregister_same_fingerprint_is_idempotent(store, registered, models):
-    from visrec.registry import log_and_register
+    from visrec.workflows.promotion import register_candidate
 
     cfg, client = store
     before = len(client.search_model_versions("name = 'visrec-extractor'"))
-    again = log_and_register(models[0], "extractor", {"recall@1": 0.55}, cfg)
+    again = register_candidate(models[0], "extractor", {"recall@1": 0.55}, cfg)
     assert again.version == registered["extractor"].version
     assert len(client.search_model_versions("name = 'visrec-extractor'")) == before
     assert float(again.tags["recall_at_1"]) == 0.55
@@ -138,7 +139,8 @@ def test_promotion_gate(store, registered, models, tmp_path):
     """No champion -> promote; a worse candidate leaves the champion; a better one replaces it."""
     import shutil
 
-    from visrec.registry import log_and_register, promote_if_better
+    from visrec.workflows.promotion import promote_if_better
+    from visrec.workflows.promotion import register_candidate
 
     cfg, client = store
     first = {k: v.version for k, v in registered.items()}
@@ -155,7 +157,7 @@ def test_promotion_gate(store, registered, models, tmp_path):
     meta = json.loads((ext2 / "model.json").read_text())
     meta["fingerprint"] = "0123456789abcdef"
     (ext2 / "model.json").write_text(json.dumps(meta))
-    v2 = log_and_register(ext2, "extractor", {"recall@1": 0.4}, cfg)  # worse recall
+    v2 = register_candidate(ext2, "extractor", {"recall@1": 0.4}, cfg)  # worse recall
     assert v2.version != first["extractor"]
     result = promote_if_better(client, cfg)
     assert not result["promoted"] and "recall_at_1" in result["reason"]
@@ -179,7 +181,7 @@ def test_promotion_gate(store, registered, models, tmp_path):
 def test_gate_without_candidates(tmp_path):
     from mlflow import MlflowClient
 
-    from visrec.registry import promote_if_better
+    from visrec.workflows.promotion import promote_if_better
 
     cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'empty.db'}")
     with pytest.raises(ValueError, match="candidate"):
@@ -189,7 +191,7 @@ def test_gate_without_candidates(tmp_path):
 def test_to_images_accepts_dataframe():
     import pandas as pd
 
-    from visrec.registry import _to_images
+    from visrec.model_registry import _to_images
 
     images = _images(2)
     frame = pd.DataFrame({"image": list(images)})
@@ -210,7 +212,7 @@ def test_evaluate_stage_registers_candidates(models, tmp_path, caplog):
     from visrec.config import Config
     from visrec.tracking import TrackingError
 
-    from visrec import registry as stage
+    from visrec.workflows import promotion as stage
     cfg = Config()
     cfg.paths.export = str(tmp_path / "export")
     cfg.paths.metrics = str(tmp_path / "metrics")
@@ -241,26 +243,27 @@ def test_evaluate_stage_registers_candidates(models, tmp_path, caplog):
 
 
 def test_mlflow_promotion_gate(models, tmp_path, monkeypatch):
-    """orchestration.mlflow_promotion_gate: the repo's default store (<repo>/mlruns.db)."""
+    """workflows.promotion.mlflow_promotion_gate: the repo's default store (<repo>/mlruns.db)."""
     import yaml
 
     from visrec.config import Config
-    from visrec.orchestration import mlflow_promotion_gate, tracking_enabled
-    from visrec.registry import log_and_register
+    from visrec.workflows.pipeline import repo_config
+    from visrec.workflows.promotion import mlflow_promotion_gate
+    from visrec.workflows.promotion import register_candidate
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"tracking": {"artifact_root": str(tmp_path / "art")}}))
-    assert tracking_enabled(tmp_path)
+    assert repo_config(tmp_path).tracking.enabled
     cfg = Config().tracking
     cfg.uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     cfg.artifact_root = str(tmp_path / "art")
     import shutil
 
-    from visrec.inference.extractor import Extractor
+    from visrec.inference.extractor_runtime import Extractor
     from visrec.inference.gallery_ops import GalleryItem, build_gallery
-    from visrec.serving.champion import champion_record
+    from visrec.workflows.champion import champion_record
 
-    log_and_register(models[0], "extractor", {"recall@1": 0.3}, cfg)
-    log_and_register(models[1], "detector", {"det_AP50": 0.2}, cfg)
+    register_candidate(models[0], "extractor", {"recall@1": 0.3}, cfg)
+    register_candidate(models[1], "detector", {"det_AP50": 0.2}, cfg)
     export = tmp_path / "data" / "export"  # the pipeline's latest outputs: what the gate publishes
     shutil.copytree(models[0], export / "extractor")
     shutil.copytree(models[1], export / "detector")

@@ -46,7 +46,7 @@ def test_rgb_png_roundtrips_exactly():
 
 
 def test_jpeg_matches_the_pipeline_decoder(tmp_path):
-    from visrec.data.datasets import load_image
+    from visrec.imaging import load_image
 
     data = encode(rgb_image(64, 48), "JPEG", quality=90)
     (tmp_path / "a.jpg").write_bytes(data)

@@ -12,7 +12,7 @@ import yaml
 
 from visrec.config import Config, load_config
 from visrec.tracking import history_metrics, numeric_metrics, params_hash, sanitize_name, stage_params
-from visrec.utils.stage import run_stage
+from visrec.workflows.stage_runner import run_stage
 
 
 def write_metrics(cfg: Config, stage: str) -> None:
@@ -50,7 +50,7 @@ def test_helpers():
     assert sanitize_name("a:b(c) d/e-f.g") == "a_b_c_ d/e-f.g"
     assert numeric_metrics({"r@5": 1, "s": "x", "n": {"k": 2.5}, "bad": float("nan")}) == {"r_at_5": 1.0, "n.k": 2.5}
     params = stage_params(Config(), "train_extractor")
-    assert params["extractor.backbone.name"] == "mobilenet_v1"
+    assert params["extractor.backbone.name"] == "efficientnet_lite0"
     assert json.loads(params["extractor.optimizer.milestones"]) == [30, 60]
     cfg = Config()
     cfg.tracking.uri = "http://elsewhere"  # where runs go is not part of the experiment
@@ -99,6 +99,22 @@ def test_new_params_start_a_new_parent(repo):
     assert len({r.data.tags["mlflow.parentRunId"] for r in runs}) == 2
 
 
+def test_an_offline_download_is_one_error_line(tmp_path, monkeypatch, capsys):
+    """Expected failures end a stage as the CLI ends a command: one `error:` line, exit 1."""
+    from visrec.data.download import DownloadError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("tracking: {enabled: false}\n")
+
+    def offline(cfg):
+        raise DownloadError("cannot download https://example.invalid/CUB_200_2011.tgz: no network; "
+                            "use a local copy (data.source: /path/to/CUB_200_2011.tgz)")
+
+    assert run_stage("download", offline, argv=[]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: stage 'download': cannot download") and "Traceback" not in err
+
+
 def test_failed_stage_is_logged_as_failed(repo):
     def broken(cfg):
         raise ValueError("bad input")
@@ -118,7 +134,7 @@ def closed_port() -> int:
 def test_unreachable_server_warns_and_the_stage_stands(repo, monkeypatch, caplog):
     uri = f"http://127.0.0.1:{closed_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setattr("visrec.utils.stage.setup_logging", lambda: None)  # it would drop caplog's handler
+    monkeypatch.setattr("visrec.workflows.stage_runner.setup_logging", lambda: None)  # it would drop caplog's handler
     with caplog.at_level(logging.WARNING, logger="visrec.tracking"):
         assert run_stage("split", body_for("split"), argv=[]) == 0
     assert f"tracking to {uri} failed" in caplog.text and "tracking.required: true" in caplog.text

@@ -16,16 +16,8 @@ import pytest
 
 from visrec.config import ValidateConfig
 from visrec.data.cub import read_cub
-from visrec.data.validation import (
-    MANIFEST_COLUMNS,
-    RULES,
-    ListFormatError,
-    box_overshoot,
-    build_manifest,
-    read_list,
-    validate_manifest,
-    write_outputs,
-)
+from visrec.data.manifest import MANIFEST_COLUMNS, box_overshoot, build_manifest
+from visrec.data.validation import RULES, validate_manifest, write_outputs
 
 REAL_CUB = Path("/work/shared/data/cub_subset/CUB_200_2011")
 SIZE = 64  # fixture images are SIZE x SIZE: a 1-pixel overshoot is 1/64 < 0.02
@@ -123,21 +115,6 @@ def valid_run(tmp_path_factory: pytest.TempPathFactory):
 
 
 # ----------------------------------------------------------------------------- lists, boxes
-
-
-def test_read_list_parses_lines_and_names_file_and_line_of_a_bad_one(tmp_path: Path) -> None:
-    good = tmp_path / "train_list.txt"
-    good.write_text("images/001.A/a.jpg 1 1\n\nimages/002.B/b.jpg 2 7\n")
-    assert read_list(good) == [("images/001.A/a.jpg", 1, 1), ("images/002.B/b.jpg", 2, 7)]
-    bad = tmp_path / "test_list.txt"
-    bad.write_text("images/001.A/a.jpg 1 1\nimages/002.B/b.jpg 2\n")
-    with pytest.raises(ListFormatError, match=r"test_list\.txt:2: expected"):
-        read_list(bad)
-    bad.write_text("images/001.A/a.jpg one 1\n")
-    with pytest.raises(ListFormatError, match=r"test_list\.txt:1: label and unique_id must be integers"):
-        read_list(bad)
-    with pytest.raises(ListFormatError, match="no such list file"):
-        read_list(tmp_path / "absent.txt")
 
 
 def test_box_overshoot_is_the_largest_reach_past_an_edge_over_that_side() -> None:

@@ -99,9 +99,12 @@ def git_info(cwd: str | Path = ".") -> tuple[str, str]:
     return commit or "unknown", "true" if status.strip() else "false"
 
 
-def resolve_uri(uri: str | None) -> str:
-    """env MLFLOW_TRACKING_URI, else ``uri``, else ``sqlite:///<cwd>/mlruns.db``."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or uri or f"sqlite:///{Path.cwd().resolve() / 'mlruns.db'}"
+def resolve_uri(uri: str | None, base: str | Path | None = None) -> str:
+    """The MLflow store: env MLFLOW_TRACKING_URI, else ``uri`` (``tracking.uri``), else
+    ``sqlite:///<base>/mlruns.db`` (``base``: the repo root; default the working directory).
+    The one place the address is worked out."""
+    root = Path(base).resolve() if base is not None else Path.cwd().resolve()
+    return os.environ.get("MLFLOW_TRACKING_URI") or uri or f"sqlite:///{root / 'mlruns.db'}"
 
 
 def stage_params(config: Config, stage: str) -> dict[str, str]:
@@ -196,6 +199,14 @@ def client_for(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def connect(uri: str | None, base: str | Path | None = None):
+    """``(uri, client)`` for the store :func:`resolve_uri` names, probed first so a dead server
+    fails in seconds."""
+    uri = resolve_uri(uri, base)
+    probe(uri)
+    return uri, client_for(uri)
+
+
 def get_or_create_experiment(client, name: str, uri: str, artifact_root: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
@@ -233,9 +244,7 @@ def create_pipeline_run(config: Config, name: str, repo: str | Path) -> str:
     repo's ``mlruns.db``."""
     repo = Path(repo).resolve()
     cfg = config.tracking
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri or f"sqlite:///{repo / 'mlruns.db'}"
-    probe(uri)
-    client = client_for(uri)
+    uri, client = connect(cfg.uri, repo)
     artifact_root = Path(cfg.artifact_root)
     experiment_id = get_or_create_experiment(client, cfg.experiment, uri,
                                              str(artifact_root if artifact_root.is_absolute() else repo / artifact_root))

@@ -91,7 +91,7 @@ def test_retrain_dag_schedule_defaults_to_weekly(airflow_env):
 def gallery_setup(exported_models, tiny_cub, tmp_path):
     """A gallery of classes 1-4, params pointing at it, and class 8 as new labelled images."""
     from visrec.data.cub import read_cub
-    from visrec.inference.extractor import Extractor
+    from visrec.inference.extractor_runtime import Extractor
     from visrec.inference.gallery_ops import GalleryItem, build_gallery
 
     root, _ = tiny_cub

@@ -58,12 +58,12 @@ def png(image: Image.Image) -> bytes:
 def gallery_images(tiny_cub):
     """(path, label) of 2 images per test class; the first one of each class goes in the gallery."""
     from visrec.data.cub import read_cub
-    from visrec.data.datasets import read_list
+    from visrec.data.split_list import read_split_list
     from visrec.evaluation.system_eval import class_label
 
     root, split = tiny_cub
     meta = read_cub(root)
-    test_ids = {e.unique_id for e in read_list(split / "test_list.txt")}
+    test_ids = {e.unique_id for e in read_split_list(split / "test_list.txt")}
     by_class: dict[str, list[Path]] = {}
     for im in meta.images:
         if im.image_id in test_ids:
@@ -73,7 +73,7 @@ def gallery_images(tiny_cub):
 
 @pytest.fixture(scope="module", params=["1", "0"], ids=["batching-on", "batching-off"])
 def server(request, exported_models, gallery_images, tmp_path_factory):
-    from visrec.inference.extractor import Extractor
+    from visrec.inference.extractor_runtime import Extractor
     from visrec.inference.gallery_ops import GalleryItem, build_gallery
 
     extractor_dir, detector_dir = exported_models
@@ -164,7 +164,7 @@ def test_gallery_image_is_recognised_as_its_label(server, gallery_images, export
     # scores ~1 (same image, whole-image box), and the service answers exactly what the
     # in-process RecognitionSystem answers for the same bytes and params.
     from visrec.config import load_config
-    from visrec.data.datasets import load_image
+    from visrec.imaging import load_image
     from visrec.inference.pipeline import RecognitionSystem
 
     label, paths = next(iter(gallery_images.items()))
@@ -283,7 +283,7 @@ def test_gallery_changed_on_disk_is_served_without_restart(server, gallery_image
     """Another worker (or `visrec gallery add`) publishes a new version: the next request sees it."""
     from visrec.config import load_config
     from visrec.index.gallery import Gallery
-    from visrec.inference.extractor import Extractor
+    from visrec.inference.extractor_runtime import Extractor
     from visrec.inference.gallery_ops import GalleryItem, add_items
 
     rec = load_config(server.params).recognition
@@ -326,10 +326,10 @@ def test_a_promoted_champion_is_served_without_restart(server, gallery_images, e
     withdrawing the champion brings back the pipeline's latest export."""
     import shutil
 
-    from visrec.inference.extractor import Extractor
+    from visrec.inference.extractor_runtime import Extractor
     from visrec.inference.gallery_ops import GalleryItem, build_gallery
-    from visrec.orchestration import notify_service_reload
-    from visrec.serving.champion import publish_champion
+    from visrec.workflows.pipeline import notify_service_reload
+    from visrec.workflows.champion import publish_champion
 
     base = server.params.parent  # relative paths of the server's params resolve here
     export = base / "candidate_export"
@@ -369,7 +369,7 @@ def test_a_promoted_champion_is_served_without_restart(server, gallery_images, e
 
 def test_two_workers_serve_one_gallery(exported_models, gallery_images, tmp_path):
     """VISREC_WORKERS=2: a change made through one worker is served by both, with no restart."""
-    from visrec.inference.extractor import Extractor
+    from visrec.inference.extractor_runtime import Extractor
     from visrec.inference.gallery_ops import GalleryItem, build_gallery
 
     extractor_dir, detector_dir = exported_models

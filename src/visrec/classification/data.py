@@ -26,7 +26,8 @@ import numpy as np
 
 from visrec.config import ClassifyDataConfig
 from visrec.data.cub import read_cub
-from visrec.data.datasets import CachedImageDataset, crop_box, load_image
+from visrec.data.datasets import CachedImageDataset
+from visrec.imaging import crop_box, load_image
 
 logger = logging.getLogger(__name__)
 

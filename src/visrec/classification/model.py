@@ -7,16 +7,22 @@ whenever the model trains. ``ProbabilityNet`` is what gets exported: softmax pro
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import paddle
 from paddle import nn
 from paddle.nn import functional as F
 
-from visrec.models.backbones import build_backbone
+from visrec.classification.data import read_class_map
+from visrec.models.registry import build_backbone
 from visrec.models.freezing import BackboneFreezing
+from visrec.training.checkpoint import load_finished_run
 
 logger = logging.getLogger(__name__)
+
+MODEL_CONFIG_FILE = "model_config.json"
+STAGE = "classify"  # named in load_finished_run's messages
 
 
 class Classifier(BackboneFreezing, nn.Layer):
@@ -70,3 +76,17 @@ def build_classifier(backbone: dict[str, Any], num_classes: int, dropout: float 
     logger.info("Classifier: backbone %s (%d features) -> FC (%d classes)", name, model.backbone.out_channels,
                 num_classes)
     return model
+
+
+def load_trained(run_dir: str | Path, checkpoint: str = "best_model") -> tuple[Classifier, dict[str, Any], list[str]]:
+    """The network of a finished run (eval mode), its model config and its class names."""
+    if not (Path(run_dir) / MODEL_CONFIG_FILE).exists():
+        raise FileNotFoundError(f"{Path(run_dir) / MODEL_CONFIG_FILE} not found: {run_dir} is not a finished "
+                                "classifier run (train one with `visrec classify train`, or set classify.out)")
+    model, model_cfg = load_finished_run(run_dir, checkpoint, STAGE, lambda c: build_classifier(
+        c["backbone"], c["num_classes"], c.get("dropout", 0.0)))
+    names = read_class_map(run_dir)
+    if len(names) != model_cfg["num_classes"]:
+        raise ValueError(f"{run_dir}: the class map has {len(names)} classes but the model "
+                         f"{model_cfg['num_classes']}: the run directory is inconsistent, retrain it")
+    return model, model_cfg, names

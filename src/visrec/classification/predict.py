@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from visrec.classification.data import class_names_from, load_class_map
-from visrec.classification.evaluate import ProbsFn, dygraph_probs_fn
-from visrec.classification.model import Classifier, ProbabilityNet
-from visrec.data.datasets import load_image
+from visrec.classification.model import Classifier, ProbabilityNet, load_trained
+from visrec.classification.scoring import ProbsFn, dygraph_probs_fn
 from visrec.data.transforms import build_transforms
+from visrec.imaging import load_image
 from visrec.inference.export import export_layer, input_meta
 
 logger = logging.getLogger(__name__)
@@ -44,8 +44,6 @@ class ClassifierPredictor:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, checkpoint: str = "best_model") -> ClassifierPredictor:
-        from visrec.classification.train import load_trained
-
         model, model_cfg, names = load_trained(run_dir, checkpoint)
         return cls(dygraph_probs_fn(model), names, model_cfg["image"], f"{run_dir} ({checkpoint})")
 
@@ -128,7 +126,5 @@ def export_classifier(model: Classifier, model_cfg: dict[str, Any], mapping: dic
 def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best_model",
                onnx: bool = True) -> dict[str, Any]:
     """Export a finished run's checkpoint (``best_model`` or ``latest``) to ``out_dir``."""
-    from visrec.classification.train import load_trained
-
     model, model_cfg, _ = load_trained(run_dir, checkpoint)
     return export_classifier(model, model_cfg, load_class_map(run_dir), out_dir, onnx=onnx)

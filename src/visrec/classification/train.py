@@ -18,28 +18,26 @@ from typing import Any
 import numpy as np
 import paddle
 
-from visrec.classification.data import ClassificationDataset, ClassSplit, load_split, read_class_map, write_class_map
-from visrec.classification.evaluate import classification_metrics, dygraph_probs_fn, predict_probs, topk_accuracy
+from visrec.classification.data import ClassificationDataset, ClassSplit, load_split, write_class_map
 from visrec.classification.mixing import mix_batch, soft_cross_entropy
-from visrec.classification.model import Classifier, build_classifier
+from visrec.classification.model import MODEL_CONFIG_FILE, Classifier, build_classifier
+from visrec.classification.scoring import classification_metrics, dygraph_probs_fn, predict_probs, topk_accuracy
 from visrec.config import ClassifyConfig
 from visrec.data.datasets import make_loader
 from visrec.data.transforms import train_resize_size
-from visrec.models.backbones import load_pretrained
+from visrec.models.weights import load_pretrained
 from visrec.models.extractor import param_groups
 from visrec.models.freezing import freeze_pretrained
 from visrec.models.losses import CELoss
-from visrec.training.checkpoint import load_finished_run, prepare_work_dir
+from visrec.training.checkpoint import prepare_work_dir
 from visrec.training.engine import EngineConfig, Trainer, TrainerState, is_main_process
-from visrec.training.extractor import make_transform as _make_transform
-from visrec.training.extractor import normalization
+from visrec.training.extractor_training import make_transform as _make_transform
+from visrec.training.extractor_training import normalization
 from visrec.training.optim import build_optimizer, build_scheduler
 from visrec.utils.fs import replace_dir, write_json
 
 logger = logging.getLogger(__name__)
 
-MODEL_CONFIG_FILE = "model_config.json"
-STAGE = "classify"  # named in load_finished_run's messages
 
 
 def make_transform(cfg: ClassifyConfig, train: bool):
@@ -175,17 +173,3 @@ def _read_history(path: Path) -> list[dict[str, str]]:
         return []
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
-
-
-def load_trained(run_dir: str | Path, checkpoint: str = "best_model") -> tuple[Classifier, dict[str, Any], list[str]]:
-    """The network of a finished run (eval mode), its model config and its class names."""
-    if not (Path(run_dir) / MODEL_CONFIG_FILE).exists():
-        raise FileNotFoundError(f"{Path(run_dir) / MODEL_CONFIG_FILE} not found: {run_dir} is not a finished "
-                                "classifier run (train one with `visrec classify train`, or set classify.out)")
-    model, model_cfg = load_finished_run(run_dir, checkpoint, STAGE, lambda c: build_classifier(
-        c["backbone"], c["num_classes"], c.get("dropout", 0.0)))
-    names = read_class_map(run_dir)
-    if len(names) != model_cfg["num_classes"]:
-        raise ValueError(f"{run_dir}: the class map has {len(names)} classes but the model "
-                         f"{model_cfg['num_classes']}: the run directory is inconsistent, retrain it")
-    return model, model_cfg, names

@@ -1,16 +1,12 @@
-"""List files -> decoded, optionally box-cropped images -> transformed samples for Paddle.
+"""Split list files -> decoded, optionally box-cropped images -> transformed samples for Paddle.
 
-A list file (written by the split stage) holds one image per line:
-``relative/path.jpg label unique_id``; the path is relative to the CUB_200_2011 root
-and may contain spaces, so lines are split from the right.
+The list files are the split stage's (:mod:`visrec.data.split_list`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,99 +16,10 @@ import paddle
 from tqdm import tqdm
 
 from visrec.data.cub import read_cub, resolve_root
+from visrec.data.split_list import ListFileError, read_split_list
+from visrec.imaging import crop_box, load_image
 
 logger = logging.getLogger(__name__)
-
-# Pixels as stored: CUB boxes and the split stage's image sizes ignore EXIF orientation too.
-_DECODE_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-
-
-class ListFileError(ValueError):
-    """A malformed list file."""
-
-
-class ImageReadError(OSError):
-    """An image file that is missing or cannot be decoded."""
-
-    def __init__(self, path: str | Path, reason: str) -> None:
-        self.path = str(path)
-        super().__init__(f"cannot read image {path}: {reason} "
-                         "(check the file; re-run the download/split stages if the data set is damaged)")
-
-
-@dataclass(frozen=True)
-class ListEntry:
-    path: str  # relative to the data set root
-    label: int  # CUB class id
-    unique_id: int  # CUB image id
-
-
-def read_list(path: str | Path) -> list[ListEntry]:
-    """Parse a list file; raise ListFileError naming file:line on a malformed line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ListFileError(f"list file {path} does not exist: run the split stage first")
-    entries: list[ListEntry] = []
-    seen: dict[int, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, 1):
-            line = raw.rstrip()
-            if not line.strip():
-                continue
-            parts = line.rsplit(" ", 2)
-            if len(parts) != 3 or not parts[0]:
-                raise ListFileError(f"{path}:{lineno}: expected 'relative/path label unique_id' "
-                                    f"separated by single spaces, got {line!r}")
-            rel, label_s, uid_s = parts
-            try:
-                label, uid = int(label_s), int(uid_s)
-            except ValueError:
-                raise ListFileError(f"{path}:{lineno}: label {label_s!r} and unique id {uid_s!r} "
-                                    f"must be integers, got {line!r}") from None
-            if uid in seen:
-                raise ListFileError(f"{path}:{lineno}: unique id {uid} already used on line {seen[uid]}")
-            seen[uid] = lineno
-            entries.append(ListEntry(rel, label, uid))
-    return entries
-
-
-def load_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to HWC uint8 RGB (greyscale -> 3 channels, alpha dropped).
-
-    ``np.fromfile`` + ``cv2.imdecode`` so non-ASCII paths work (``cv2.imread`` fails on them
-    on some platforms).
-    """
-    try:
-        data = np.fromfile(str(path), dtype=np.uint8)
-    except FileNotFoundError:
-        raise ImageReadError(path, "file not found") from None
-    except OSError as exc:
-        raise ImageReadError(path, str(exc)) from None
-    if data.size == 0:
-        raise ImageReadError(path, "the file is empty")
-    img = cv2.imdecode(data, _DECODE_FLAGS)
-    if img is None:
-        raise ImageReadError(path, "not a decodable image (corrupt or unsupported format)")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def crop_box(img: np.ndarray, box_xywh: Sequence[float], pad: float = 0.0) -> np.ndarray:
-    """Crop ``x y w h`` grown by ``pad`` x (w, h) on each side, clipped to the image.
-
-    Never empty: a degenerate box (no area inside the image, NaN, negative size) gives
-    the whole image. Returns a copy so the full image can be freed.
-    """
-    height, width = img.shape[:2]
-    x, y, w, h = (float(v) for v in box_xywh)
-    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
-        return img.copy()
-    x1 = max(0, math.floor(x - pad * w))
-    y1 = max(0, math.floor(y - pad * h))
-    x2 = min(width, math.ceil(x + w + pad * w))
-    y2 = min(height, math.ceil(y + h + pad * h))
-    if x2 - x1 < 1 or y2 - y1 < 1:
-        return img.copy()
-    return img[y1:y2, x1:x2].copy()
 
 
 class CachedImageDataset(paddle.io.Dataset):
@@ -214,7 +121,7 @@ class RetrievalDataset(CachedImageDataset):
         self.root = resolve_root(root)
         self.list_file = Path(list_file)
         self.cache_name = self.list_file.name
-        self.entries = read_list(self.list_file)
+        self.entries = read_split_list(self.list_file)
         if not self.entries:
             raise ListFileError(f"list file {self.list_file} holds no images")
         self.crop_to_bbox = crop_to_bbox

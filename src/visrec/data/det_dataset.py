@@ -31,12 +31,13 @@ import paddle
 from tqdm import tqdm
 
 from visrec.data.cub import resolve_root
-from visrec.data.datasets import ImageReadError, load_image
-from visrec.data.transforms import ColorJitter
-from visrec.inference.detection_post import (
+from visrec.data.transform_ops import ColorJitter
+from visrec.imaging import (
+    ImageReadError,
     ResizeInfo,
     ResizePolicy,
     check_policy,
+    load_image,
     normalize_chw,
     pad_colour,
     resize_geometry,

@@ -35,8 +35,9 @@ _LOCAL_HINT = (
 )
 
 
-class DownloadError(RuntimeError):
-    """A data source that could not be fetched, verified or unpacked."""
+class DownloadError(OSError):
+    """A data source that could not be fetched, verified or unpacked: an I/O failure the user
+    fixes (network, a local copy), so stages report it as one ``error:`` line, not a traceback."""
 
 
 # ----------------------------------------------------------------------------- download

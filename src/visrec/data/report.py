@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import cv2
 import matplotlib
@@ -16,10 +16,8 @@ import pandas as pd  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from visrec.data.cub import DataLayoutError, read_cub  # noqa: E402
+from visrec.data.validation_result import ValidationResult  # noqa: E402
 from visrec.utils.fs import atomic_write_text, write_json  # noqa: E402
-
-if TYPE_CHECKING:
-    from visrec.data.validation import ValidationResult
 
 logger = logging.getLogger(__name__)
 

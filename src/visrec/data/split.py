@@ -1,6 +1,6 @@
 """PaddleClas's CUB protocol: the first N classes train, the remaining classes are unseen.
 
-Writes the list files (``relative/path.jpg label unique_id``) and COCO detection
+Writes the list files (:mod:`visrec.data.split_list`) and COCO detection
 annotations with the single category ``foreground`` for both halves.
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from visrec.data.cub import CubImage, CubMeta
+from visrec.data.split_list import list_line
 from visrec.utils.fs import atomic_write_text, write_json
 
 logger = logging.getLogger(__name__)
@@ -40,10 +41,6 @@ def split_classes(meta: CubMeta, train_classes: int) -> ClassSplit:
             "e.g. -o split.train_classes=25"
         )
     return ClassSplit(train_classes=ids[:train_classes], test_classes=ids[train_classes:])
-
-
-def list_line(image: CubImage) -> str:
-    return f"{image.rel_path} {image.class_id} {image.image_id}"
 
 
 def clip_box(box: tuple[float, float, float, float], width: int, height: int) -> list[float]:
@@ -82,7 +79,8 @@ def write_split(meta: CubMeta, train_classes: int, out_dir: str | Path) -> dict[
     stats: dict[str, int] = {}
     for name in SPLIT_NAMES:
         images = [img for img in meta.images if img.class_id in members[name]]
-        atomic_write_text(out_dir / f"{name}_list.txt", "".join(list_line(i) + "\n" for i in images))
+        lines = [list_line(i.rel_path, i.class_id, i.image_id) + "\n" for i in images]
+        atomic_write_text(out_dir / f"{name}_list.txt", "".join(lines))
         coco, dropped = coco_for(meta, images)
         write_json(out_dir / f"{name}_coco.json", coco)
         stats[f"{name}_images"] = len(images)

@@ -1,7 +1,7 @@
-"""The ``validate`` stage logic: a manifest of the split's images, checked by Great Expectations.
+"""The ``validate`` stage logic: the manifest of the split's images, checked by Great Expectations.
 
-``build_manifest`` opens every image the split lists (exists? decodes? size? box inside?),
-``validate_manifest`` runs a Great Expectations 1.x suite over that table and two small
+The manifest (:func:`visrec.data.manifest.build_manifest`) opens every image the split lists
+(exists? decodes? size? box inside?); ``validate_manifest`` runs a Great Expectations 1.x suite over that table and two small
 aggregates of it (per class, per file content), and ``write_outputs`` writes the results,
 GX data docs and the data report. Each check is a named rule; a failed rule is reported
 with a few offending rows so the message says what to fix.
@@ -9,21 +9,19 @@ with a few offending rows so the message says what to fix.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from visrec.config import ValidateConfig
-from visrec.data.cub import read_cub, resolve_root
+from visrec.data.cub import resolve_root
+from visrec.data.manifest import MANIFEST_COLUMNS, SPLITS
+from visrec.data.report import write_report
+from visrec.data.validation_result import ValidationResult
 from visrec.utils.fs import write_json
 
 logger = logging.getLogger(__name__)
@@ -31,9 +29,6 @@ logger = logging.getLogger(__name__)
 # Paddle installs an INFO root handler; without this GX prints ~200 "Skipping registering"
 # lines when it is imported. Only GX's own logger is touched, never the root logger.
 logging.getLogger("great_expectations").setLevel(logging.WARNING)
-
-SPLITS = ("train", "test")
-LIST_FILES = {"train": "train_list.txt", "test": "test_list.txt"}
 
 # Rule name -> what it checks (also the order rules are reported in).
 RULES: dict[str, str] = {
@@ -49,110 +44,10 @@ RULES: dict[str, str] = {
     "no_cross_split_duplicates": "no identical image file appears in both train and test",
 }
 
-MANIFEST_COLUMNS = [
-    "split", "path", "label", "unique_id", "exists", "decodes", "width", "height", "channels",
-    "box_x", "box_y", "box_w", "box_h", "box_overshoot", "content_hash",
-]
-
 # Columns GX copies into each offending row it reports, per validated table.
 _IMAGE_ID_COLUMNS = ["row", "split", "path", "label", "unique_id"]
 _CLASS_ID_COLUMNS = ["label", "splits"]
 _HASH_ID_COLUMNS = ["content_hash", "files"]
-
-
-class ListFormatError(ValueError):
-    """A split list file that is not ``relative/path.jpg label unique_id`` per line."""
-
-
-# ----------------------------------------------------------------------------- lists
-
-
-def read_list(path: str | Path) -> list[tuple[str, int, int]]:
-    """Read a split list: one ``relative/path.jpg label unique_id`` line per image."""
-    path = Path(path)
-    if not path.is_file():
-        raise ListFormatError(f"{path}: no such list file (run the split stage first)")
-    rows: list[tuple[str, int, int]] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            text = line.rstrip("\r\n")
-            if not text.strip():
-                continue
-            parts = text.split(" ")
-            if len(parts) != 3 or not all(parts):
-                raise ListFormatError(
-                    f"{path}:{lineno}: expected 'relative/path.jpg label unique_id' separated by "
-                    f"single spaces, got {text!r}"
-                )
-            rel, label, uid = parts
-            try:
-                rows.append((rel, int(label), int(uid)))
-            except ValueError:
-                raise ListFormatError(
-                    f"{path}:{lineno}: label and unique_id must be integers, got {text!r}"
-                ) from None
-    return rows
-
-
-# ----------------------------------------------------------------------------- manifest
-
-
-def probe_image(path: Path) -> dict[str, Any]:
-    """Existence, full decode, size, channels and sha1 of one file."""
-    info = {"exists": path.is_file(), "decodes": False, "width": 0, "height": 0,
-            "channels": 0, "content_hash": ""}
-    if not info["exists"]:
-        return info
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        logger.warning("cannot read %s: %s", path, exc)
-        return info
-    info["content_hash"] = hashlib.sha1(data).hexdigest()
-    # A full decode (not just the header): OpenCV 5 returns None for a truncated JPEG.
-    try:
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
-    except cv2.error:
-        image = None
-    if image is None or image.size == 0:
-        return info
-    info.update(decodes=True, width=int(image.shape[1]), height=int(image.shape[0]),
-                channels=1 if image.ndim == 2 else int(image.shape[2]))
-    return info
-
-
-def box_overshoot(box: tuple[float, float, float, float], width: int, height: int) -> float:
-    """How far ``box`` (x, y, w, h) reaches past the image, as a fraction of that side."""
-    x, y, w, h = box
-    return max(0.0, -x / width, -y / height, (x + w - width) / width, (y + h - height) / height)
-
-
-def build_manifest(raw_root: str | Path, split_dir: str | Path, num_workers: int = 2) -> pd.DataFrame:
-    """One row per image of ``train_list.txt`` and ``test_list.txt``; see MANIFEST_COLUMNS."""
-    meta = read_cub(raw_root)
-    boxes = {img.image_id: img.box for img in meta.images}
-    entries = [(split, rel, label, uid)
-               for split in SPLITS
-               for rel, label, uid in read_list(Path(split_dir) / LIST_FILES[split])]
-    paths = [meta.root / rel for _, rel, _, _ in entries]
-    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        probes = list(tqdm(pool.map(probe_image, paths), total=len(paths),
-                           desc="validate: reading images", unit="img"))
-
-    rows = []
-    for (split, rel, label, uid), probe in zip(entries, probes):
-        box = boxes.get(uid)
-        overshoot = (box_overshoot(box, probe["width"], probe["height"])
-                     if box is not None and probe["decodes"] else math.nan)
-        bx, by, bw, bh = box if box is not None else (math.nan,) * 4
-        rows.append({"split": split, "path": rel, "label": label, "unique_id": uid,
-                     **{k: probe[k] for k in ("exists", "decodes", "width", "height", "channels")},
-                     "box_x": bx, "box_y": by, "box_w": bw, "box_h": bh,
-                     "box_overshoot": overshoot, "content_hash": probe["content_hash"]})
-    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    return manifest.astype({"exists": bool, "decodes": bool, "label": "int64", "unique_id": "int64",
-                            "width": "int64", "height": "int64", "channels": "int64",
-                            "content_hash": str})
 
 
 # ----------------------------------------------------------------------------- aggregates
@@ -289,50 +184,6 @@ def jsonable(obj: Any) -> Any:
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     return str(obj)
-
-
-@dataclass
-class ValidationResult:
-    success: bool
-    # {rule, description, success, unexpected_count, examples[, observed, missing, error]}
-    rules: list[dict[str, Any]]
-    stats: dict[str, Any]
-    gx_result: dict[str, Any]  # raw GX results (JSON), keyed by table: images, classes, hashes
-    # The GX context that ran the suites: it holds the results data docs are built from.
-    gx_context: Any = field(default=None, repr=False, compare=False)
-
-    @property
-    def failed_rules(self) -> list[str]:
-        return [r["rule"] for r in self.rules if not r["success"]]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"success": self.success, "rules": self.rules, "stats": self.stats}
-
-    def summary(self) -> str:
-        """Multi-line text: counts, then one line per failed rule with its offending rows."""
-        s = self.stats
-        lines = [
-            f"validation {'PASSED' if self.success else 'FAILED'}: {s['images']} images "
-            f"(train {s['train_images']} in {s['train_classes']} classes, "
-            f"test {s['test_images']} in {s['test_classes']} classes), "
-            f"{s['boxes_clipped']} boxes clipped, {s['greyscale_images']} greyscale"
-        ]
-        for r in self.rules:
-            if r["success"]:
-                continue
-            detail = f"{r['unexpected_count']} offending" if r["unexpected_count"] else "failed"
-            lines.append(f"  rule {r['rule']} FAILED ({r['description']}): {detail}")
-            if r.get("error"):
-                lines.append(f"    error: {r['error']}")
-            if r.get("observed") is not None:
-                lines.append(f"    observed: {r['observed']}")
-            if r.get("missing"):
-                lines.append(f"    missing: {', '.join(map(str, r['missing']))}")
-            for example in r["examples"]:
-                lines.append("    " + ", ".join(f"{k}={v}" for k, v in example.items()))
-            if r["unexpected_count"] > len(r["examples"]):
-                lines.append(f"    ... and {r['unexpected_count'] - len(r['examples'])} more")
-        return "\n".join(lines)
 
 
 def _example(row: dict[str, Any]) -> dict[str, Any]:
@@ -475,8 +326,6 @@ def metrics(result: ValidationResult) -> dict[str, int]:
 def write_outputs(result: ValidationResult, manifest: pd.DataFrame, raw_root: str | Path,
                   out_dir: str | Path, cfg: ValidateConfig, data_docs: bool = True) -> dict[str, int]:
     """Write validation.json, gx_result.json, manifest.csv, data_docs/ and report/; return metrics."""
-    from visrec.data.report import write_report
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "validation.json", jsonable(result.to_dict()))
@@ -488,8 +337,5 @@ def write_outputs(result: ValidationResult, manifest: pd.DataFrame, raw_root: st
     return metrics(result)
 
 
-__all__ = [
-    "RULES", "ListFormatError", "ValidationResult", "box_overshoot", "build_data_docs",
-    "build_manifest", "jsonable", "manifest_stats", "metrics", "read_list", "validate_manifest",
-    "write_outputs",
-]
+__all__ = ["RULES", "ValidationResult", "build_data_docs", "jsonable", "manifest_stats", "metrics",
+           "validate_manifest", "write_outputs"]

@@ -20,9 +20,10 @@ import numpy as np
 import paddle
 
 from visrec.data.cub import read_cub
-from visrec.data.datasets import RetrievalDataset, load_image
+from visrec.data.datasets import RetrievalDataset
+from visrec.imaging import load_image
 from visrec.data.transforms import build_transforms
-from visrec.inference.embedding import embed_dataset
+from visrec.training.embedding import embed_dataset
 from visrec.inference.export import EmbeddingNet, export_layer, read_model_json
 from visrec.inference.predictors import Predictor
 from visrec.metrics.retrieval import per_class_recall, retrieval_metrics

@@ -26,13 +26,16 @@ import numpy as np
 from tqdm import tqdm
 
 from visrec.data.cub import CubImage, CubMeta
-from visrec.data.datasets import load_image
+from visrec.imaging import load_image
+from visrec.imaging import load_image
 from visrec.index.gallery import Gallery
 from visrec.inference.gallery_ops import GalleryItem
+from visrec.utils.fs import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 CALIBRATION, REPORT = "calibration", "report"
+QUERIES_FILE = "queries.jsonl"  # build_index writes the held-back queries here (paths.index), evaluate reads them
 
 
 def class_label(folder_name: str) -> str:
@@ -105,6 +108,20 @@ def split_for_system(meta: CubMeta, test_image_ids: set[int], gallery_per_class:
                         queries[i][0].image_id, CALIBRATION if rank < n_calib else REPORT, queries[i][1])
                   for rank, i in enumerate(order)]
     return SystemSplit(gallery, query_list, sorted(labels[c] for c in held))
+
+
+def write_queries(path: Path, queries: list[Query]) -> None:
+    lines = [json.dumps({"path": str(q.path), "label": q.label, "image_id": q.image_id, "part": q.part,
+                         "known": q.known}, ensure_ascii=False) for q in queries]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def read_queries(path: str | Path) -> list[Query]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the build_index stage first (dvc repro build_index)")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [Query(Path(r["path"]), r["label"], int(r["image_id"]), r["part"], bool(r["known"])) for r in rows]
 
 
 def open_set_gallery(gallery: Gallery, held_out: Sequence[str]) -> Gallery:

@@ -330,3 +330,13 @@ def backend_class(index_type: str) -> type[IndexBackend]:
         return BACKENDS[str(index_type).upper()]
     except KeyError:
         raise ValueError(f"unknown index_type {index_type!r}; choose one of {sorted(BACKENDS)}") from None
+
+
+def index_params(index_cfg) -> dict[str, Any]:
+    """The knobs of ``IndexConfig`` (params ``index``) that the chosen index type takes."""
+    if index_cfg.index_type == "HNSW32":
+        return {"hnsw_m": index_cfg.hnsw_m, "ef_construction": index_cfg.ef_construction,
+                "ef_search": index_cfg.ef_search, "compact_fraction": index_cfg.compact_fraction}
+    if index_cfg.index_type == "IVF":
+        return {"nprobe": index_cfg.nprobe}
+    return {}

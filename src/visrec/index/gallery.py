@@ -1,17 +1,10 @@
 """The retrieval gallery: a Faiss index plus labels, per-entry metadata and provenance.
 
 A :class:`Gallery` receives embedding vectors (it never imports Paddle), L2-normalises
-them, and answers top-k cosine-similarity queries with labelled :class:`Hit`s.
-
-On disk a gallery is a directory ``G`` of immutable versions and a symlink to the live one::
-
-    G/current -> v000002-1f3a9c2e     (swapped atomically with os.replace)
-    G/v000001-.../  G/v000002-.../    (index.faiss, labels.jsonl, meta.json[, id_map.npy, tombstones.npy])
-
-A save writes ``G/.tmp-*``, fsyncs it, renames it to the next version and swaps the link,
-so a reader sees the old or the new gallery, never half of one, and a crash mid-save
-leaves the old one loadable. Labels and metadata are JSON (``ensure_ascii=False``), never
-pickle. ``Gallery.current_version(G)`` is a cheap poll for servers that hot-reload.
+them, and answers top-k cosine-similarity queries with labelled :class:`Hit`s; entries are
+added and removed by id or label. :meth:`Gallery.load` / :meth:`Gallery.save` read and
+publish versions of the on-disk store (:mod:`visrec.index.gallery_store`: immutable versions,
+an atomically swapped ``current`` link, JSON labels, never pickle).
 
 A Gallery object is not thread-safe; a server should load a new one and swap references.
 """
@@ -20,42 +13,28 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
-import shutil
-import tempfile
-import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
+from visrec.index import gallery_store as store
 from visrec.index.faiss_index import IndexBackend, backend_class, set_num_threads
-from visrec.utils.fs import file_lock, fsync_path
+from visrec.index.gallery_store import GalleryNotFoundError, now, update_lock
+
+__all__ = ["Gallery", "GalleryMismatchError", "GalleryNotFoundError", "Hit", "UnknownIdError", "update_lock"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-META_FILE = "meta.json"
-LABELS_FILE = "labels.jsonl"
-CURRENT_LINK = "current"
-LOCK_FILE = ".lock"
-_VERSION_RE = re.compile(r"^v(\d{6,})-[0-9a-f]{8}$")
 _RESERVED_KEYS = frozenset({"id", "label"})
-_BUILD_HINT = "build one with `visrec gallery build LIST`"
 
 
 class GalleryMismatchError(ValueError):
     """The gallery was built by a different feature extractor than the one in use."""
-
-
-class GalleryNotFoundError(FileNotFoundError):
-    """The path holds no gallery."""
 
 
 class UnknownIdError(KeyError):
@@ -78,29 +57,6 @@ class Hit:
     def path(self) -> str | None:
         """The source image of the gallery entry, if it was recorded at add time."""
         return self.metadata.get("path")
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-UPDATE_LOCK_FILE = ".update.lock"  # not save()'s own lock: this one spans a whole load-modify-save
-
-
-def update_lock(root: str | Path):
-    """Hold this around load -> change -> save of the gallery at ``root``, so concurrent updaters
-    (service workers, the gallery-update DAG, ``visrec gallery add``) never overwrite each
-    other's change. Readers need no lock."""
-    return file_lock(Path(root) / UPDATE_LOCK_FILE)
-
-
-def _writer_lock(root: Path):
-    """Serialise writers of one gallery; readers never lock (they follow the symlink)."""
-    return file_lock(root / LOCK_FILE)
-
-
-def _versions(root: Path) -> dict[str, int]:
-    return {p.name: int(m.group(1)) for p in root.iterdir() if (m := _VERSION_RE.match(p.name)) and p.is_dir()}
 
 
 SMALL_QUERY_BATCH = 16
@@ -126,7 +82,7 @@ class Gallery:
         self._label_counts: Counter[str] | None = None  # cached; add / remove reset it
         self.next_id = next_id
         self.meta_extra: dict[str, Any] = dict(meta_extra or {})  # saved as meta.json "extra"
-        self.created = created or _now()
+        self.created = created or now()
         self.updated = updated
         self.version = version  # uuid of the saved version this object was loaded from / saved as
         self.path = path  # gallery root it was loaded from / last saved to
@@ -362,43 +318,8 @@ class Gallery:
             results.append(hits)
         return results
 
-    # ----------------------------------------------------------------- storage
-    @staticmethod
-    def current_version(path: str | Path) -> str | None:
-        """Name of the live version under ``path`` (cheap: one readlink), or None if none.
-
-        It changes on every save, so a server can poll it and reload when it differs.
-        If ``current`` is a real directory (a copy or DVC checkout materialised the link),
-        that directory is the live version and ``"current"`` is returned.
-        """
-        link = Path(path) / CURRENT_LINK
-        try:
-            return os.readlink(link)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        except OSError:  # EINVAL: not a symlink
-            return CURRENT_LINK if link.is_dir() else None
-
-    @staticmethod
-    def _resolve(path: Path) -> Path:
-        """The version directory to read for ``path`` (a gallery root or a version dir)."""
-        version = Gallery.current_version(path)
-        if version is not None:
-            return path / version
-        if (path / META_FILE).is_file():
-            return path
-        # DVC does not track symlinks: a gallery checked out from its cache has its versions but
-        # no ``current`` link. Versions appear only once complete, so the newest one is live.
-        versions = _versions(path) if path.is_dir() else {}
-        if versions:
-            newest = max(versions, key=versions.get)
-            logger.warning("%s has no '%s' link (a DVC checkout?); using the newest version %s",
-                           path, CURRENT_LINK, newest)
-            return path / newest
-        if not path.exists():
-            raise GalleryNotFoundError(f"no gallery at {path}; {_BUILD_HINT}")
-        raise GalleryNotFoundError(f"{path} is not a gallery (no '{CURRENT_LINK}' link or {META_FILE}); "
-                                   f"{_BUILD_HINT}")
+    # ----------------------------------------------------------------- storage (visrec.index.gallery_store)
+    current_version = staticmethod(store.current_version)
 
     @classmethod
     def load(cls, path: str | Path, *, expected_fingerprint: str | None = None,
@@ -412,15 +333,18 @@ class Gallery:
         """
         root = Path(path)
         for attempt in range(5):
-            version_dir = cls._resolve(root)
+            version_dir = store.live_version_dir(root)
             try:
-                gallery = cls._read_version(version_dir, num_threads)
+                meta, backend, entries = store.read_version(version_dir, num_threads)
                 break
             except Exception:  # a pruned version surfaces as ENOENT or as a faiss RuntimeError
-                if attempt == 4 or cls.current_version(root) in (None, version_dir.name):
+                if attempt == 4 or store.current_version(root) in (None, version_dir.name):
                     raise
                 logger.debug("version %s vanished while loading; retrying", version_dir.name)
-        gallery.path = root if version_dir != root else None
+        gallery = cls(backend, fingerprint=meta.get("fingerprint"), num_threads=num_threads, entries=entries,
+                      next_id=int(meta["next_id"]), meta_extra=meta.get("extra"), created=meta.get("created"),
+                      updated=meta.get("updated"), version=meta.get("version"),
+                      path=root if version_dir != root else None)
         if expected_fingerprint is not None and gallery.fingerprint != expected_fingerprint:
             raise GalleryMismatchError(
                 f"gallery {root} was built by extractor {gallery.fingerprint or '<unknown>'} but the current "
@@ -432,118 +356,16 @@ class Gallery:
         logger.info("loaded gallery %s (%s)", root, gallery)
         return gallery
 
-    @classmethod
-    def _read_version(cls, directory: Path, num_threads: int) -> Gallery:
-        meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
-        if meta.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{directory / META_FILE} has format {meta.get('format')!r}, this code reads "
-                             f"format {FORMAT_VERSION}; rebuild the gallery (`visrec gallery build LIST`)")
-        set_num_threads(num_threads)  # before reading: HNSW/IVF loading may use OpenMP
-        backend = backend_class(meta["index_type"]).read(directory, int(meta["dim"]), meta["index_params"])
-        entries: dict[int, tuple[str, dict[str, Any]]] = {}
-        with open(directory / LABELS_FILE, encoding="utf-8") as handle:
-            for line in handle:
-                if line.strip():
-                    row = json.loads(line)
-                    entries[int(row.pop("id"))] = (row.pop("label"), row)
-        if not len(entries) == backend.count == meta["count"]:
-            raise ValueError(f"gallery {directory} is inconsistent: meta.json count {meta['count']}, "
-                             f"{len(entries)} labels, {backend.count} indexed vectors; rebuild it")
-        return cls(backend, fingerprint=meta.get("fingerprint"), num_threads=num_threads, entries=entries,
-                   next_id=int(meta["next_id"]), meta_extra=meta.get("extra"), created=meta.get("created"),
-                   updated=meta.get("updated"), version=meta.get("version"), path=directory)
-
-    def _write_version(self, directory: Path, meta: dict[str, Any]) -> None:
-        files = self._backend.write(directory)
-        with open(directory / LABELS_FILE, "w", encoding="utf-8") as handle:
-            for i in sorted(self._entries):
-                label, extra = self._entries[i]
-                handle.write(json.dumps({"id": i, "label": label, **extra}, ensure_ascii=False) + "\n")
-        meta_text = json.dumps(meta, ensure_ascii=False, indent=2) + "\n"
-        (directory / META_FILE).write_text(meta_text, encoding="utf-8")
-        for path in [*files, directory / LABELS_FILE, directory / META_FILE]:
-            fsync_path(path)
-        fsync_path(directory)
-
     def save(self, path: str | Path | None = None, *, keep_versions: int = 2) -> str:
-        """Atomically publish this gallery as a new version under ``path``; returns its name.
-
-        Defaults to the path it was loaded from. Keeps the newest ``keep_versions`` versions
-        (readers still holding an older one get one save's grace). Writers are serialised
-        with a lock file; leftovers of crashed saves are cleaned up here.
-        """
-        if keep_versions < 1:
-            raise ValueError(f"keep_versions must be >= 1, got {keep_versions}")
+        """Atomically publish this gallery as a new version under ``path`` (default: where it was
+        loaded from); returns the version's name. See :func:`visrec.index.gallery_store.publish_version`."""
         if path is None and self.path is None:
             raise ValueError("save() needs a path: this gallery was never saved or loaded from a gallery root")
         root = Path(path) if path is not None else self.path
-        if (root / META_FILE).exists():
-            raise ValueError(f"{root} is a single gallery version, not a gallery root; save to a new directory")
-        root.mkdir(parents=True, exist_ok=True)
-        if self.current_version(root) is None and any(p.name != LOCK_FILE and not p.name.startswith(".")
-                                                      for p in root.iterdir()):
-            raise ValueError(f"refusing to save a gallery into {root}: it is a non-empty directory that is "
-                             "not a gallery; choose an empty or new directory")
-        with _writer_lock(root):
-            for stale in root.glob(".tmp-*"):  # crashed saves (we hold the writer lock)
-                shutil.rmtree(stale, ignore_errors=True)
-            for stale in root.glob(".current.tmp-*"):
-                stale.unlink(missing_ok=True)
-            self._drop_orphans(root)
-            version_uuid = uuid.uuid4().hex
-            number = max(_versions(root).values(), default=0) + 1
-            name = f"v{number:06d}-{version_uuid[:8]}"
-            updated = _now()
-            meta = {"format": FORMAT_VERSION, "index_type": self.index_type, "metric": "IP", "dim": self.dim,
-                    "count": len(self), "next_id": self.next_id, "labels": len(self.labels()),
-                    "fingerprint": self.fingerprint, "index_params": self.index_params,
-                    "version": version_uuid, "sequence": number, "created": self.created, "updated": updated,
-                    "extra": self.meta_extra}
-            try:
-                json.dumps(meta, ensure_ascii=False)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"gallery.meta_extra must be JSON-serialisable: {exc}") from None
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-            try:
-                os.chmod(tmp, 0o755)
-                self._write_version(tmp, meta)
-                os.rename(tmp, root / name)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            fsync_path(root)
-            link = root / f".current.tmp-{version_uuid}"
-            os.symlink(name, link)
-            current = root / CURRENT_LINK
-            if current.is_dir() and not current.is_symlink():  # materialised copy: make it a version
-                os.rename(current, root / f"v000000-{uuid.uuid4().hex[:8]}")  # (brief window, once)
-            os.replace(link, root / CURRENT_LINK)  # the commit point
-            fsync_path(root)
-            self.path, self.version, self.updated = root, version_uuid, updated
-            self._prune(root, keep_versions, name)
+        meta = {"index_type": self.index_type, "metric": "IP", "dim": self.dim, "count": len(self),
+                "next_id": self.next_id, "labels": len(self.labels()), "fingerprint": self.fingerprint,
+                "index_params": self.index_params, "created": self.created, "extra": self.meta_extra}
+        name, written = store.publish_version(root, self._backend, self._entries, meta, keep_versions)
+        self.path, self.version, self.updated = root, written["version"], written["updated"]
         logger.info("saved gallery %s as %s (%d entries)", root, name, len(self))
         return name
-
-    @staticmethod
-    def _drop_orphans(root: Path) -> None:
-        """Remove versions newer than ``current``: saves that crashed before the link swap.
-
-        Writers are serialised and every successful save makes its version current, so a
-        version numbered above the current one never went live and nobody can be reading it.
-        """
-        current = Gallery.current_version(root)
-        versions = _versions(root)
-        if current not in versions:  # no (recognisable) live version: delete nothing
-            return
-        for name, number in versions.items():
-            if number > versions[current]:
-                logger.warning("removing %s: left by a save that crashed before publishing it", root / name)
-                shutil.rmtree(root / name, ignore_errors=True)
-
-    @staticmethod
-    def _prune(root: Path, keep_versions: int, current: str) -> None:
-        versions = sorted(_versions(root).items(), key=lambda item: item[1], reverse=True)
-        keep = {name for name, _ in versions[:keep_versions]} | {current}
-        for name, _ in versions:
-            if name not in keep:
-                shutil.rmtree(root / name, ignore_errors=True)

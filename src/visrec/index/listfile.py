@@ -19,7 +19,7 @@ from typing import NamedTuple
 logger = logging.getLogger(__name__)
 
 
-class ListEntry(NamedTuple):
+class GalleryListEntry(NamedTuple):
     """One gallery image: its path (resolved against the root) and its label."""
 
     path: Path
@@ -31,7 +31,7 @@ def _describe(delimiter: str) -> str:
 
 
 def parse_list_lines(lines: Iterable[str], *, root: str | Path = ".", delimiter: str = "\t",
-                     source: str = "<list>") -> list[ListEntry]:
+                     source: str = "<list>") -> list[GalleryListEntry]:
     """Parse list-file lines (see module docstring); ``source`` names the file in errors."""
     if not delimiter or delimiter in "\r\n":
         raise ValueError(f"delimiter must be a non-empty string without newlines, got {delimiter!r}")
@@ -48,12 +48,12 @@ def parse_list_lines(lines: Iterable[str], *, root: str | Path = ".", delimiter:
         if not path or not label:
             raise ValueError(f"{source}:{number}: empty {'path' if not path else 'label'} in {line!r}; "
                              f"expected 'relative/path{_describe(delimiter)}label'")
-        entries.append(ListEntry(root / path, label))
+        entries.append(GalleryListEntry(root / path, label))
     return entries
 
 
 def read_list_file(path: str | Path, root: str | Path | None = None, *, delimiter: str = "\t",
-                   encoding: str = "utf-8-sig") -> list[ListEntry]:
+                   encoding: str = "utf-8-sig") -> list[GalleryListEntry]:
     """Read a gallery list file; image paths are resolved against ``root``
     (default: the list file's directory). ``utf-8-sig`` also accepts a BOM."""
     path = Path(path)

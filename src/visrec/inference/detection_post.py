@@ -1,108 +1,18 @@
-"""Detector geometry and post-processing, in numpy, shared by every detection path.
+"""Detector post-processing in numpy, shared by every detection path.
 
-The same functions serve training-time evaluation (dygraph network), the exported
-detector (Paddle Inference / ONNX Runtime) and the data pipeline, so all of them put an
-image onto the network input the same way and turn dense outputs into the same boxes:
-
-- ``resize_to_input``: original image -> square network input (``keep_ratio`` letterbox,
-  centred, padded with the mean colour; or ``stretch``), plus the ``ResizeInfo`` mapping;
-- ``postprocess``: dense boxes (input pixels) + scores -> score threshold, top-k,
-  class-agnostic NMS, ``max_det``, mapped back to original image coordinates.
+Training-time evaluation (dygraph network) and the exported detector (Paddle Inference /
+ONNX Runtime) turn dense outputs into the same boxes with :func:`postprocess`: score
+threshold, top-k, class-agnostic NMS, ``max_det``, mapped back to original image
+coordinates through the :class:`visrec.imaging.ResizeInfo` of the input resize.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
 
-import cv2
 import numpy as np
 
-ResizePolicy = Literal["keep_ratio", "stretch"]
-RESIZE_POLICIES = ("keep_ratio", "stretch")
-
-
-@dataclass(frozen=True)
-class ResizeInfo:
-    """How an original image sits on the network input: ``input = original * scale + pad``."""
-
-    scale_x: float
-    scale_y: float
-    pad_x: float
-    pad_y: float
-    orig_w: int
-    orig_h: int
-
-    def to_input(self, boxes: np.ndarray) -> np.ndarray:
-        """Original ``x1 y1 x2 y2`` -> network-input coordinates."""
-        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-        scale = np.array([self.scale_x, self.scale_y, self.scale_x, self.scale_y], dtype=np.float32)
-        pad = np.array([self.pad_x, self.pad_y, self.pad_x, self.pad_y], dtype=np.float32)
-        return boxes * scale + pad
-
-    def to_original(self, boxes: np.ndarray) -> np.ndarray:
-        """Network-input ``x1 y1 x2 y2`` -> original coordinates, clipped to the image."""
-        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-        scale = np.array([self.scale_x, self.scale_y, self.scale_x, self.scale_y], dtype=np.float32)
-        pad = np.array([self.pad_x, self.pad_y, self.pad_x, self.pad_y], dtype=np.float32)
-        out = (boxes - pad) / scale
-        out[:, 0::2] = np.clip(out[:, 0::2], 0.0, float(self.orig_w))
-        out[:, 1::2] = np.clip(out[:, 1::2], 0.0, float(self.orig_h))
-        return out
-
-
-def check_policy(policy: str) -> str:
-    if policy not in RESIZE_POLICIES:
-        raise ValueError(f"unknown resize policy {policy!r}: use 'keep_ratio' (letterbox) or 'stretch'")
-    return policy
-
-
-def resize_geometry(width: int, height: int, size: int, policy: ResizePolicy) -> tuple[int, int, ResizeInfo]:
-    """Resized (w, h) of a ``width x height`` image on a ``size`` square, and its mapping."""
-    check_policy(policy)
-    if width < 1 or height < 1:
-        raise ValueError(f"cannot resize an empty image ({width}x{height})")
-    if policy == "stretch":
-        new_w, new_h = size, size
-        pad_x = pad_y = 0
-    else:
-        fit = min(size / width, size / height)
-        new_w, new_h = max(1, min(size, round(width * fit))), max(1, min(size, round(height * fit)))
-        pad_x, pad_y = (size - new_w) // 2, (size - new_h) // 2
-    # Scales from the integer sizes actually drawn, so the mapping is exact.
-    info = ResizeInfo(new_w / width, new_h / height, float(pad_x), float(pad_y), int(width), int(height))
-    return new_w, new_h, info
-
-
-def pad_colour(mean: Sequence[float], scale: float) -> tuple[int, int, int]:
-    """The uint8 colour that normalises to zero: padding then carries no signal."""
-    return tuple(int(np.clip(round(m / scale), 0, 255)) for m in mean)  # type: ignore[return-value]
-
-
-def resize_to_input(img: np.ndarray, size: int, policy: ResizePolicy,
-                    fill: Sequence[int] = (124, 116, 104)) -> tuple[np.ndarray, ResizeInfo]:
-    """HWC uint8 RGB image -> ``size x size`` uint8 network input and its ``ResizeInfo``."""
-    if img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"expected an HWC RGB image, got shape {img.shape}")
-    height, width = img.shape[:2]
-    new_w, new_h, info = resize_geometry(width, height, size, policy)
-    # INTER_AREA when shrinking (real photos are several times the input): no aliasing.
-    interp = cv2.INTER_AREA if new_w < width and new_h < height else cv2.INTER_LINEAR
-    resized = img if (new_w, new_h) == (width, height) else cv2.resize(img, (new_w, new_h), interpolation=interp)
-    if (new_w, new_h) == (size, size):
-        return np.ascontiguousarray(resized), info
-    canvas = np.empty((size, size, 3), dtype=np.uint8)
-    canvas[:] = np.asarray(fill, dtype=np.uint8)
-    x0, y0 = int(info.pad_x), int(info.pad_y)
-    canvas[y0:y0 + new_h, x0:x0 + new_w] = resized
-    return canvas, info
-
-
-def normalize_chw(img: np.ndarray, mean: Sequence[float], std: Sequence[float], scale: float) -> np.ndarray:
-    """uint8 HWC -> float32 CHW ``(x * scale - mean) / std``."""
-    out = (img.astype(np.float32) * np.float32(scale) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(out.transpose(2, 0, 1))
+from visrec.imaging import ResizeInfo
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from visrec.data.datasets import load_image
+from visrec.imaging import load_image
 from visrec.index.gallery import Gallery
 from visrec.index.listfile import read_list_file
-from visrec.inference.detector import Detector
-from visrec.inference.extractor import Extractor
+from visrec.inference.detector_runtime import Detector
+from visrec.inference.extractor_runtime import Extractor
 
 logger = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ import numpy as np
 
 from visrec.config import RecognitionConfig
 from visrec.inference.detection_post import nms
-from visrec.inference.detector import Detector
+from visrec.inference.detector_runtime import Detector
 from visrec.inference.export import ONNX_FILE
-from visrec.inference.extractor import Extractor
+from visrec.inference.extractor_runtime import Extractor
 from visrec.index.gallery import Gallery
 from visrec.index.label_scores import label_hits
 
@@ -50,6 +50,11 @@ class Timings:
         return {"detect": self.detect, "extract": self.extract, "search": self.search,
                 "rest": max(0.0, self.total - self.detect - self.extract - self.search), "total": self.total,
                 "images": self.images, "boxes": self.boxes}
+
+
+def load_extractor(rec_cfg: RecognitionConfig) -> Extractor:
+    """The exported extractor ``recognition.extractor`` names."""
+    return Extractor(rec_cfg.extractor, backend=rec_cfg.backend, num_threads=rec_cfg.num_threads)
 
 
 def load_detector(rec_cfg: RecognitionConfig) -> Detector | None:
@@ -79,7 +84,7 @@ class RecognitionSystem:
     @classmethod
     def from_config(cls, rec_cfg: RecognitionConfig, gallery: Gallery | None = None) -> RecognitionSystem:
         """Load the exported models and the gallery named in a ``RecognitionConfig``."""
-        extractor = Extractor(rec_cfg.extractor, backend=rec_cfg.backend, num_threads=rec_cfg.num_threads)
+        extractor = load_extractor(rec_cfg)
         detector = load_detector(rec_cfg)
         if gallery is None:
             gallery = Gallery.load(rec_cfg.gallery, expected_fingerprint=extractor.fingerprint,

@@ -29,7 +29,8 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-from visrec.models.backbones import ConvBNAct, DepthwiseSeparable, build_backbone
+from visrec.models.layers import ConvBNAct, DepthwiseSeparable
+from visrec.models.registry import build_backbone
 
 logger = logging.getLogger(__name__)
 

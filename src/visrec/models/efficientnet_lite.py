@@ -40,7 +40,8 @@ import numpy as np
 import paddle
 from paddle import nn
 
-from visrec.models.backbones import StagedBackbone, register_backbone
+from visrec.models.layers import StagedBackbone
+from visrec.models.registry import register_backbone
 from visrec.models.torch_legacy import read_legacy_torch_file
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import paddle
 from paddle import nn
 from paddle.nn import functional as F
 
-from visrec.models.backbones import build_backbone
+from visrec.models.registry import build_backbone
 from visrec.models.freezing import BackboneFreezing
 from visrec.models.heads import create_head
 from visrec.models.necks import create_neck

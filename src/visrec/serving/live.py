@@ -33,7 +33,7 @@ from visrec.config import Config
 from visrec.index.gallery import Gallery, UnknownIdError, update_lock
 from visrec.inference.gallery_ops import best_boxes, check_views, view_boxes
 from visrec.inference.pipeline import RecognitionSystem
-from visrec.serving.champion import current_champion, served_recognition
+from visrec.workflows.champion import current_champion, served_recognition
 from visrec.utils.fs import resolve_under
 
 logger = logging.getLogger(__name__)

@@ -28,12 +28,13 @@ import paddle
 from tqdm import tqdm
 
 from visrec.config import DetectorConfig
-from visrec.data.datasets import load_image
+from visrec.imaging import load_image
 from visrec.data.det_dataset import DetectionDataset, make_detection_loader
 from visrec.inference.detection_post import postprocess
-from visrec.inference.detector import DensePredictFn, dygraph_predict_fn, exported_predict_fn
+from visrec.inference.detector_runtime import DensePredictFn, dygraph_predict_fn, exported_predict_fn
 from visrec.metrics.detection import DETECTION_KEYS, coco_detection_metrics
-from visrec.models.backbones import backbone_normalization, load_pretrained
+from visrec.models.registry import backbone_normalization
+from visrec.models.weights import load_pretrained
 from visrec.models.detector import DetectionLoss, MainbodyDetector, build_detector, check_input_size
 from visrec.models.extractor import param_groups
 from visrec.training.checkpoint import load_checkpoint, load_finished_run, prepare_work_dir

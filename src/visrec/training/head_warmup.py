@@ -16,7 +16,7 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
-from visrec.inference.embedding import embed_dataset
+from visrec.training.embedding import embed_dataset
 from visrec.models.extractor import RecModel
 from visrec.models.losses import CombinedLoss
 

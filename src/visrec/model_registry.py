@@ -1,11 +1,12 @@
-"""MLflow model registry: exported models as pyfunc models, and an alias-based promotion gate.
+"""MLflow model registry mechanics: exported models as pyfunc models, versions and aliases.
 
 * :class:`VisrecPyfunc`       an exported extractor or detector folder as an ``mlflow.pyfunc`` model
 * :func:`log_and_register`    log an export folder, register it (``visrec-extractor`` / ``visrec-detector``),
                               point alias ``candidate`` at it; idempotent per model fingerprint
-* :func:`promote_if_better`   the gate: move alias ``champion`` on both models to their candidates iff
-                              the candidate extractor's ``recall_at_1`` and detector's ``det_AP50`` are
-                              both >= the champion's (no champion yet: promote)
+* :func:`alias_version`       the version behind ``name@alias``
+* :func:`crown`               move alias ``champion`` to given versions, with the reason
+
+Whether a candidate becomes the champion is decided in :mod:`visrec.workflows.promotion`.
 
 MLflow 3: aliases, not stages (``get_latest_versions`` is deprecated); ``name=`` not ``artifact_path=``.
 The tracking URI / experiment come from ``TrackingConfig`` as for stage runs (``visrec.tracking``).
@@ -28,15 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from visrec.tracking import (TrackingError, client_for, get_or_create_experiment, git_info, probe, resolve_uri,
-                             sanitize_name)
+from visrec.tracking import connect, get_or_create_experiment, git_info, sanitize_name
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("extractor", "detector")
 MODEL_NAMES = {"extractor": "visrec-extractor", "detector": "visrec-detector"}
-# the metric the gate compares, per model (a version tag of that name)
-GATE_METRICS = {"extractor": "recall_at_1", "detector": "det_AP50"}
 CANDIDATE, CHAMPION = "candidate", "champion"
 FINGERPRINT_TAG = "fingerprint"
 
@@ -105,11 +103,11 @@ class VisrecPyfunc(_PythonModel):
         model_dir = Path(context.artifacts["model_dir"])
         self.kind = _kind_of(model_dir)
         if self.kind == "extractor":
-            from visrec.inference.extractor import Extractor
+            from visrec.inference.extractor_runtime import Extractor
 
             self.model = Extractor(model_dir, backend=self.backend, num_threads=self.num_threads)
         else:
-            from visrec.inference.detector import Detector
+            from visrec.inference.detector_runtime import Detector
 
             self.model = Detector(model_dir, backend=self.backend, num_threads=self.num_threads)
 
@@ -161,7 +159,7 @@ def _versions(client, name: str) -> list:
         return []
 
 
-def _alias_version(client, name: str, alias: str):
+def alias_version(client, name: str, alias: str):
     """The model version behind ``name@alias``, or None when the model or the alias does not exist."""
     from mlflow.exceptions import MlflowException
 
@@ -171,11 +169,12 @@ def _alias_version(client, name: str, alias: str):
         return None
 
 
-def log_and_register(export_dir: Path, kind: str, metrics: dict[str, Any], tracking_cfg):
+def log_and_register(export_dir: Path, kind: str, metrics: dict[str, Any], tracking_cfg,
+                     tag_metrics: tuple[str, ...] = ()):
     """Log ``export_dir`` as a pyfunc model, register it as ``visrec-<kind>``, alias it ``candidate``.
 
-    The version gets tags ``fingerprint``, ``kind``, ``git_commit`` and the key metrics
-    (``recall_at_1`` for the extractor, ``det_AP50`` for the detector; the gate reads these).
+    The version gets tags ``fingerprint``, ``kind``, ``git_commit`` and the metrics named in
+    ``tag_metrics`` (MLflow-safe names, e.g. ``recall_at_1``: the promotion gate reads these).
     A version with the same fingerprint already registered is reused (its metric tags are
     updated and ``candidate`` moved to it): re-running evaluate does not pile up versions.
     Returns the ``ModelVersion``.
@@ -193,13 +192,10 @@ def log_and_register(export_dir: Path, kind: str, metrics: dict[str, Any], track
     fingerprint = str(meta["fingerprint"])
     name = MODEL_NAMES[kind]
     values = _key_metrics(metrics)
-    gate_metric = GATE_METRICS[kind]
-    version_tags = {k: str(v) for k, v in values.items() if k == gate_metric}
+    version_tags = {k: str(v) for k, v in values.items() if k in tag_metrics}
     commit, dirty = git_info()
 
-    uri = resolve_uri(tracking_cfg.uri)
-    probe(uri)
-    client = client_for(uri)
+    uri, client = connect(tracking_cfg.uri)
     existing = [v for v in _versions(client, name) if v.tags.get(FINGERPRINT_TAG) == fingerprint]
     if existing:
         version = max(existing, key=lambda v: int(v.version))
@@ -241,72 +237,17 @@ def _pip_requirements() -> list[str]:
     return reqs
 
 
-# ----------------------------------------------------------------------------- the gate
+# ----------------------------------------------------------------------------- aliases
 
 
-def _metric(version, kind: str) -> float | None:
-    if version is None:
-        return None
-    text = version.tags.get(GATE_METRICS[kind])
-    try:
-        return float(text) if text is not None else None
-    except ValueError:
-        return None
-
-
-def promote_if_better(client, tracking_cfg=None) -> dict[str, Any]:
-    """Move alias ``champion`` to the ``candidate`` of both models iff the candidate is no worse.
-
-    No champion on either model: promote. Otherwise promote iff the candidate extractor's
-    ``recall_at_1`` >= the champion's and the candidate detector's ``det_AP50`` >= the champion's
-    (a champion without the metric tag does not block). Returns ``promoted``, ``candidate``,
-    ``champion`` (metrics, with the versions under ``versions``) and ``reason``, as
-    :func:`visrec.orchestration.promotion_gate` does. ``client`` may be None: one is made
-    from ``tracking_cfg``.
-    """
-    if client is None:
-        uri = resolve_uri(tracking_cfg.uri if tracking_cfg is not None else None)
-        probe(uri)
-        client = client_for(uri)
-    candidates = {k: _alias_version(client, MODEL_NAMES[k], CANDIDATE) for k in KINDS}
-    missing = [MODEL_NAMES[k] for k, v in candidates.items() if v is None]
-    if missing:
-        raise ValueError(f"no '{CANDIDATE}' alias on {', '.join(missing)}: run the evaluate stage "
-                         "with tracking enabled first (it registers the candidates)")
-    champions = {k: _alias_version(client, MODEL_NAMES[k], CHAMPION) for k in KINDS}
-    candidate: dict[str, Any] = {GATE_METRICS[k]: _metric(v, k) for k, v in candidates.items()}
-    candidate["versions"] = {k: v.version for k, v in candidates.items()}
-    champion: dict[str, Any] = {}
-    if all(v is not None for v in champions.values()):
-        champion = {GATE_METRICS[k]: _metric(v, k) for k, v in champions.items()}
-        champion["versions"] = {k: v.version for k, v in champions.items()}
-    if not champion:
-        promoted, reason = True, "no champion yet"
-    else:
-        worse, compared = [], []
-        for kind in KINDS:
-            key = GATE_METRICS[kind]
-            cand, champ = candidate[key], champion[key]
-            if champ is None:
-                continue
-            if cand is None:
-                worse.append(f"{key}: candidate has no value, champion {champ:.4f}")
-            elif cand < champ:
-                worse.append(f"{key} {cand:.4f} < champion {champ:.4f}")
-            else:
-                compared.append(f"{key} ({cand:.4f} vs {champ:.4f})")
-        promoted = not worse
-        reason = ("candidate >= champion on " + ", ".join(compared)) if promoted else \
-            "candidate worse: " + "; ".join(worse)
-    if promoted:
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        for kind, version in candidates.items():
-            name = MODEL_NAMES[kind]
-            client.set_registered_model_alias(name, CHAMPION, version.version)
-            client.set_model_version_tag(name, version.version, "promoted_at", now)
-            client.set_model_version_tag(name, version.version, "promotion_reason", reason[:500])
-    logger.info("registry promotion gate: %s (%s)", "PROMOTED" if promoted else "kept champion", reason)
-    return {"promoted": promoted, "candidate": candidate, "champion": champion, "reason": reason}
+def crown(client, versions: dict[str, str], reason: str) -> None:
+    """Point alias ``champion`` of each kind's model at ``versions[kind]``, tagging when and why."""
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for kind, version in versions.items():
+        name = MODEL_NAMES[kind]
+        client.set_registered_model_alias(name, CHAMPION, version)
+        client.set_model_version_tag(name, version, "promoted_at", now)
+        client.set_model_version_tag(name, version, "promotion_reason", reason[:500])
 
 
 def describe(client) -> str:
@@ -314,27 +255,6 @@ def describe(client) -> str:
     parts = []
     for kind in KINDS:
         name = MODEL_NAMES[kind]
-        aliases = {a: getattr(_alias_version(client, name, a), "version", None) for a in (CANDIDATE, CHAMPION)}
+        aliases = {a: getattr(alias_version(client, name, a), "version", None) for a in (CANDIDATE, CHAMPION)}
         parts.append(f"{name}: {json.dumps(aliases)}")
     return "; ".join(parts)
-
-
-def register_candidates(cfg, metrics: dict) -> None:
-    """Register both exports (alias ``candidate``) with their gate metrics: the extractor with this
-    stage's metrics, the detector with ``det_AP50`` of ``train_detector.json``."""
-    if not cfg.tracking.enabled:
-        return
-    try:
-        det_metrics_path = Path(cfg.paths.metrics) / "train_detector.json"
-        det_metrics = json.loads(det_metrics_path.read_text()) if det_metrics_path.is_file() else {}
-        export = Path(cfg.paths.export)
-        for kind, values in (("extractor", metrics), ("detector", {"det_AP50": det_metrics.get("det_AP50")})):
-            version = log_and_register(export / kind, kind, values, cfg.tracking)
-            logger.info("registered %s version %s as 'candidate'", version.name, version.version)
-    except Exception as exc:  # best effort unless tracking.required
-        uri = resolve_uri(cfg.tracking.uri)
-        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-        if cfg.tracking.required:
-            raise TrackingError(f"registering the candidates at {uri} failed: {reason} "
-                                "(tracking.required is true; set it to false to make this best effort)") from None
-        logger.warning("registering the candidates at %s failed: %s; the stage result stands", uri, reason)

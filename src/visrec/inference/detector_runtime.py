@@ -22,13 +22,8 @@ import numpy as np
 import paddle
 from paddle import nn
 
-from visrec.inference.detection_post import (
-    ResizeInfo,
-    normalize_chw,
-    pad_colour,
-    postprocess,
-    resize_to_input,
-)
+from visrec.imaging import ResizeInfo, normalize_chw, pad_colour, resize_to_input
+from visrec.inference.detection_post import postprocess
 from visrec.inference.export import export_layer, read_model_json
 from visrec.inference.predictors import Backend, Predictor
 

@@ -138,7 +138,7 @@ def publish_champion(export_dir: str | Path, gallery_dir: str | Path, champion_r
     """
     from visrec.index.gallery import Gallery, update_lock
     from visrec.inference.export import read_model_json
-    from visrec.inference.extractor import Extractor
+    from visrec.inference.extractor_runtime import Extractor
 
     export_dir, gallery_dir, root = Path(export_dir), Path(gallery_dir), Path(champion_root)
     for kind in ("extractor", "detector"):

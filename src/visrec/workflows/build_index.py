@@ -8,59 +8,35 @@ and ``calibration.json``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from visrec.data.cub import read_cub
-from visrec.data.datasets import read_list
-from visrec.evaluation.system_eval import Query, SystemSplit, calibrate, open_set_gallery, split_for_system
+from visrec.data.split_list import read_split_list
+from visrec.evaluation.system_eval import (QUERIES_FILE, SystemSplit, calibrate, open_set_gallery, split_for_system,
+                                           write_queries)
+from visrec.index.faiss_index import index_params
 from visrec.index.gallery import Gallery
 from visrec.index.listfile import write_list_file
-from visrec.inference.extractor import Extractor
 from visrec.inference.gallery_ops import embed_items, expand_views, item_metadata
-from visrec.inference.pipeline import RecognitionSystem
-from visrec.utils.fs import atomic_write_text, write_json
+from visrec.inference.pipeline import RecognitionSystem, load_extractor
+from visrec.utils.fs import write_json
 
 logger = logging.getLogger(__name__)
 
-GALLERY_LIST, QUERIES, CALIBRATION_FILE = "gallery_list.txt", "queries.jsonl", "calibration.json"
-
-
-def index_params(index_cfg) -> dict[str, Any]:
-    """The Faiss knobs of ``IndexConfig`` that the chosen index type takes."""
-    if index_cfg.index_type == "HNSW32":
-        return {"hnsw_m": index_cfg.hnsw_m, "ef_construction": index_cfg.ef_construction,
-                "ef_search": index_cfg.ef_search, "compact_fraction": index_cfg.compact_fraction}
-    if index_cfg.index_type == "IVF":
-        return {"nprobe": index_cfg.nprobe}
-    return {}
-
-
-def write_queries(path: Path, queries: list[Query]) -> None:
-    lines = [json.dumps({"path": str(q.path), "label": q.label, "image_id": q.image_id, "part": q.part,
-                         "known": q.known}, ensure_ascii=False) for q in queries]
-    atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def read_queries(path: str | Path) -> list[Query]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the build_index stage first (dvc repro build_index)")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [Query(Path(r["path"]), r["label"], int(r["image_id"]), r["part"], bool(r["known"])) for r in rows]
+GALLERY_LIST, CALIBRATION_FILE = "gallery_list.txt", "calibration.json"
 
 
 def run_build_index(cfg, raw_root: Path, split_dir: Path, index_dir: Path, metrics_file: Path) -> dict[str, Any]:
     """Embed the gallery, calibrate the threshold on the calibration queries, save everything."""
     index_cfg, rec_cfg = cfg.index, cfg.recognition
     meta = read_cub(raw_root)
-    test_ids = {e.unique_id for e in read_list(Path(split_dir) / "test_list.txt")}
+    test_ids = {e.unique_id for e in read_split_list(Path(split_dir) / "test_list.txt")}
     split: SystemSplit = split_for_system(meta, test_ids, index_cfg.gallery_per_class, index_cfg.open_set_fraction,
                                           index_cfg.calibration_fraction, index_cfg.seed)
-    extractor = Extractor(rec_cfg.extractor, backend=rec_cfg.backend, num_threads=rec_cfg.num_threads)
+    extractor = load_extractor(rec_cfg)
     entries = expand_views(split.gallery, rec_cfg.gallery_views)  # the known boxes are the object views
     vectors = embed_items(extractor, entries, index_cfg.batch_size)
     labels = [item.label for item in entries]
@@ -83,7 +59,7 @@ def run_build_index(cfg, raw_root: Path, split_dir: Path, index_dir: Path, metri
     rel = [os.path.relpath(item.path, index_dir) for item in split.gallery]
     write_list_file(index_dir / GALLERY_LIST, zip(rel, [item.label for item in split.gallery], strict=True),
                     delimiter=index_cfg.delimiter)
-    write_queries(index_dir / QUERIES, split.queries)
+    write_queries(index_dir / QUERIES_FILE, split.queries)
     write_json(index_dir / CALIBRATION_FILE, calibration)
     gallery.save(rec_cfg.gallery)
     summary = {"gallery_images": len(split.gallery), "gallery_entries": len(gallery),

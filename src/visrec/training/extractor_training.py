@@ -20,12 +20,14 @@ import paddle
 
 from visrec.config import ExtractorConfig
 from visrec.data.cub import read_cub
-from visrec.data.datasets import RetrievalDataset, make_loader, read_list
+from visrec.data.datasets import RetrievalDataset, make_loader
+from visrec.data.split_list import read_split_list
 from visrec.data.samplers import PKSampler
 from visrec.data.transforms import build_transforms, train_resize_size
-from visrec.inference.embedding import dygraph_embed_fn, embed_dataset
+from visrec.training.embedding import dygraph_embed_fn, embed_dataset
 from visrec.metrics.retrieval import retrieval_metrics
-from visrec.models.backbones import backbone_normalization, load_pretrained
+from visrec.models.registry import backbone_normalization
+from visrec.models.weights import load_pretrained
 from visrec.models.extractor import RecModel, build_rec_model, param_groups
 from visrec.models.freezing import freeze_pretrained
 from visrec.models.losses import CombinedLoss, build_loss
@@ -168,7 +170,7 @@ def keep_pretrained(cfg: ExtractorConfig, split_dir: Path, out_dir: Path) -> Tra
     """A finished run with no training: the pretrained network saved as ``latest`` and ``best_model``."""
     from visrec.training.checkpoint import save_checkpoint
 
-    class_num = len({e.label for e in read_list(Path(split_dir) / "train_list.txt")})
+    class_num = len({e.label for e in read_split_list(Path(split_dir) / "train_list.txt")})
     paddle.seed(cfg.seed)  # the (unused) head's initial weights are part of the checkpoint: keep them fixed
     model = build_model(cfg, class_num=class_num)
     out_dir.mkdir(parents=True, exist_ok=True)

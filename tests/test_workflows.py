@@ -1,4 +1,4 @@
-"""visrec.orchestration: what the Airflow DAGs call (DVC stages, promotion gate, gallery update)."""
+"""visrec.workflows: what the CLI, the stages and the Airflow DAGs call (DVC stages, promotion, gallery update)."""
 
 from __future__ import annotations
 
@@ -13,17 +13,13 @@ import pytest
 import yaml
 
 from visrec.data.cub import read_cub
-from visrec.data.datasets import load_image
+from visrec.imaging import load_image
 from visrec.index.gallery import Gallery
-from visrec.inference.extractor import Extractor
+from visrec.inference.extractor_runtime import Extractor
 from visrec.inference.gallery_ops import GalleryItem, build_gallery
-from visrec.orchestration import (
-    notify_service_reload,
-    promotion_gate,
-    run_dvc_stage,
-    update_gallery,
-    validate_gallery_images,
-)
+from visrec.workflows.gallery import update_served_gallery, validate_gallery_images
+from visrec.workflows.pipeline import notify_service_reload, run_dvc_stage, stage_graph
+from visrec.workflows.promotion import decide, promotion_gate
 
 DVC = str(Path(sys.executable).parent / "dvc")
 
@@ -53,7 +49,45 @@ def test_dvc_stage_runs_then_is_skipped_when_unchanged(dvc_repo):
     assert (dvc_repo / "out.txt").stat().st_mtime_ns == mtime
 
 
+def test_stage_graph_is_read_from_dvc_yaml(tmp_path):
+    (tmp_path / "params.yaml").write_text("paths: {a: data/a, b: data/b}\n")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "make_a": {"cmd": "x", "deps": ["src/a.py"], "outs": ["${paths.a}"]},
+        "make_b": {"cmd": "x", "deps": ["${paths.a}/part.txt"], "outs": [{"${paths.b}": {"persist": True}}]},
+        "report": {"cmd": "x", "deps": ["${paths.a}", "${paths.b}"], "metrics": ["data/report.json"]},
+        "alone": {"cmd": "x", "deps": ["src/c.py"], "outs": ["data/c"]}}}, sort_keys=False))
+    # report needs make_a too, but through make_b: only the direct need is listed
+    assert stage_graph(tmp_path) == {"make_a": [], "make_b": ["make_a"], "report": ["make_b"], "alone": []}
+
+
+def test_stage_graph_of_this_repo_is_the_pipeline():
+    graph = stage_graph(Path(__file__).resolve().parents[1])
+    assert graph == {"download": [], "split": ["download"], "validate": ["split"],
+                     "train_extractor": ["validate"], "train_detector": ["validate"],
+                     "export": ["train_extractor", "train_detector"], "build_index": ["export"],
+                     "evaluate": ["build_index"]}
+
+
 # ----------------------------------------------------------------------------- promotion gate
+
+
+@pytest.mark.parametrize("candidate, champion, promoted, reason", [
+    ({"recall_at_1": 0.5, "det_AP50": 0.8}, None, True, "no champion yet"),
+    ({"recall_at_1": 0.5, "det_AP50": 0.8}, {"recall_at_1": 0.5, "det_AP50": 0.7}, True, "det_AP50 (0.8000 vs 0.7000)"),
+    ({"recall_at_1": 0.4, "det_AP50": 0.9}, {"recall_at_1": 0.5, "det_AP50": 0.7}, False, "recall_at_1 0.4000 < "),
+    ({"recall_at_1": None, "det_AP50": 0.9}, {"recall_at_1": 0.5, "det_AP50": 0.7}, False, "candidate has no value"),
+    ({"recall_at_1": 0.1, "det_AP50": 0.9}, {"recall_at_1": None, "det_AP50": 0.7}, True, "det_AP50"),
+])
+def test_one_promotion_rule(candidate, champion, promoted, reason):
+    decision = decide(candidate, champion)
+    assert decision.promoted is promoted and reason in decision.reason
+
+
+def test_a_champion_recorded_under_the_old_key_still_gates():
+    from visrec.workflows.promotion import recorded_metrics
+
+    assert recorded_metrics({"recall@1": 0.5, "det_AP50": 0.8}) == {"recall_at_1": 0.5, "det_AP50": 0.8}
+    assert recorded_metrics({"recall_at_1": 0.6, "recall@1": 0.5}) == {"recall_at_1": 0.6}
 
 
 @pytest.fixture()
@@ -69,39 +103,39 @@ def write_candidate(repo: Path, recall: float, ap50: float) -> None:
 
 
 def test_missing_champion_promotes_and_publishes_export_and_gallery(candidate_repo):
-    from visrec.serving.champion import champion_record, current_champion
+    from visrec.workflows.champion import champion_record, current_champion
 
     write_candidate(candidate_repo, 0.5, 0.8)
     result = promotion_gate(candidate_repo)
     assert result["promoted"] and result["champion"] == {} and "no champion" in result["reason"]
-    assert result["candidate"] == {"recall@1": 0.5, "det_AP50": 0.8}
+    assert result["candidate"] == {"recall_at_1": 0.5, "det_AP50": 0.8}
     root = candidate_repo / "data" / "champion"
     assert current_champion(root) == result["published"]
     live = root / "current"
     assert (live / "export" / "extractor" / "model.json").is_file() and (live / "export" / "detector").is_dir()
     assert len(Gallery.load(live / "gallery")) == len(Gallery.load(candidate_repo / "data" / "gallery"))
     record = champion_record(root)
-    assert record["recall@1"] == 0.5 and record["det_AP50"] == 0.8 and record["gate"] == "files"
+    assert record["recall_at_1"] == 0.5 and record["det_AP50"] == 0.8 and record["gate"] == "files"
     assert record["promoted_at"] and "git_commit" in record and record["previous"] is None
     assert sorted(p.name for p in root.iterdir()) == sorted(["current", result["published"]])  # no temp dirs left
 
 
 def test_better_candidate_replaces_champion(candidate_repo):
-    from visrec.serving.champion import champion_record
+    from visrec.workflows.champion import champion_record
 
     write_candidate(candidate_repo, 0.5, 0.8)
     first = promotion_gate(candidate_repo)["published"]
     write_candidate(candidate_repo, 0.5, 0.85)  # equal recall, better AP50
     result = promotion_gate(candidate_repo)
-    assert result["promoted"] and result["champion"]["recall@1"] == 0.5
+    assert result["promoted"] and result["champion"]["recall_at_1"] == 0.5
     record = champion_record(candidate_repo / "data" / "champion")
     assert record["name"] == result["published"] != first and record["previous"] == first
     assert record["det_AP50"] == 0.85
 
 
-@pytest.mark.parametrize("recall, ap50, worse", [(0.4, 0.9, "recall@1"), (0.9, 0.7, "det_AP50")])
+@pytest.mark.parametrize("recall, ap50, worse", [(0.4, 0.9, "recall_at_1"), (0.9, 0.7, "det_AP50")])
 def test_worse_candidate_keeps_champion(candidate_repo, recall, ap50, worse):
-    from visrec.serving.champion import champion_record
+    from visrec.workflows.champion import champion_record
 
     write_candidate(candidate_repo, 0.5, 0.8)
     first = promotion_gate(candidate_repo)["published"]
@@ -109,7 +143,7 @@ def test_worse_candidate_keeps_champion(candidate_repo, recall, ap50, worse):
     result = promotion_gate(candidate_repo)
     assert not result["promoted"] and worse in result["reason"] and "published" not in result
     record = champion_record(candidate_repo / "data" / "champion")
-    assert record["name"] == first and record["recall@1"] == 0.5
+    assert record["name"] == first and record["recall_at_1"] == 0.5
 
 
 def test_missing_candidate_metrics_is_a_clear_error(tmp_path):
@@ -151,7 +185,7 @@ def gallery_env(exported_models, tiny_cub, tmp_path):
 def test_update_gallery_adds_a_new_class(gallery_env):
     params, gallery_path, new_dir, label_file, before = gallery_env
     old_version = Gallery.current_version(gallery_path)
-    result = update_gallery(new_dir, label_file, params)
+    result = update_served_gallery(params, new_dir, label_file)
     assert result["added"] == 3 and result["count"] == before + 3 and result["labels"] == ["Brand new bird"]
     assert Gallery.current_version(gallery_path) != old_version
     extractor = Extractor(yaml.safe_load(params.read_text())["recognition"]["extractor"])
@@ -178,9 +212,26 @@ def test_bad_image_refuses_the_whole_update(gallery_env):
         f.write("imgs/broken.jpg\tBrand new bird\nimgs/tiny.png\tBrand new bird\nimgs/missing.jpg\tX\n")
     old_version = Gallery.current_version(gallery_path)
     with pytest.raises(ValueError, match=r"(?s)3 problem.*broken.jpg.*decode.*tiny.png.*8x8.*missing.jpg.*not found"):
-        update_gallery(new_dir, label_file, params)
+        update_served_gallery(params, new_dir, label_file)
     assert Gallery.current_version(gallery_path) == old_version
     assert len(Gallery.load(gallery_path)) == before
+
+
+def test_a_failed_change_leaves_the_saved_gallery(gallery_env):
+    from visrec.workflows.gallery import change_gallery
+
+    _, gallery_path, _, _, before = gallery_env
+    old_version = Gallery.current_version(gallery_path)
+
+    def fail(gallery):
+        gallery.remove(gallery.ids()[:2])
+        raise RuntimeError("half-way")
+
+    with pytest.raises(RuntimeError, match="half-way"):
+        change_gallery(gallery_path, fail)
+    assert Gallery.current_version(gallery_path) == old_version and len(Gallery.load(gallery_path)) == before
+    removed, gallery = change_gallery(gallery_path, lambda g: g.remove(g.ids()[:2]))
+    assert removed == 2 and len(Gallery.load(gallery_path)) == before - 2 == len(gallery)
 
 
 def test_validate_gallery_images_flags_empty_label(tiny_cub):

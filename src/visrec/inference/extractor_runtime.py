@@ -17,8 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from visrec.data.datasets import crop_box
-from visrec.inference.detection_post import normalize_chw
+from visrec.imaging import crop_xyxy, normalize_chw
 from visrec.inference.export import read_model_json
 from visrec.inference.predictors import Backend, Predictor
 
@@ -70,8 +69,7 @@ class Extractor:
 
     def crop(self, image: np.ndarray, box_xyxy: Sequence[float]) -> np.ndarray:
         """The crop the extractor sees for an ``x1 y1 x2 y2`` box (grown by ``bbox_pad``)."""
-        x1, y1, x2, y2 = (float(v) for v in box_xyxy)
-        return crop_box(image, (x1, y1, x2 - x1, y2 - y1), pad=self.bbox_pad)
+        return crop_xyxy(image, box_xyxy, pad=self.bbox_pad)
 
     def embed_boxes(self, image: np.ndarray, boxes: Sequence[Sequence[float]]) -> np.ndarray:
         return self.embed([self.crop(image, box) for box in boxes])

@@ -1,0 +1,77 @@
+"""Typed settings: ``params.yaml`` -> one dataclass per section (:mod:`~visrec.config.schema`),
+checked key by key (:mod:`~visrec.config.validation`), with dotted overrides
+(:mod:`~visrec.config.loading`).
+
+    cfg = load_config("params.yaml", ["split.train_classes=25"])
+"""
+
+from visrec.config.loading import (apply_overrides, config_from_dict, flatten, load_config, load_from_args,
+                                   parse_override, stage_argparser)
+from visrec.config.model_schema import (
+    AugmentConfig,
+    ClassifyConfig,
+    ClassifyDataConfig,
+    DetectorAssignConfig,
+    DetectorAugmentConfig,
+    DetectorConfig,
+    DetectorImageConfig,
+    ExtractorConfig,
+    ImageConfig,
+    OptimizerConfig,
+    SamplerConfig,
+)
+from visrec.config.schema import (
+    CUB_MD5,
+    CUB_URL,
+    Config,
+    ConfigError,
+    DataConfig,
+    EvaluateConfig,
+    ExportConfig,
+    IndexConfig,
+    PathsConfig,
+    RecognitionConfig,
+    RuntimeConfig,
+    ServeConfig,
+    SplitConfig,
+    SyntheticConfig,
+    TrackingConfig,
+    ValidateConfig,
+)
+
+__all__ = [
+    "AugmentConfig",
+    "CUB_MD5",
+    "CUB_URL",
+    "ClassifyConfig",
+    "ClassifyDataConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DetectorAssignConfig",
+    "DetectorAugmentConfig",
+    "DetectorConfig",
+    "DetectorImageConfig",
+    "EvaluateConfig",
+    "ExportConfig",
+    "ExtractorConfig",
+    "ImageConfig",
+    "IndexConfig",
+    "OptimizerConfig",
+    "PathsConfig",
+    "RecognitionConfig",
+    "RuntimeConfig",
+    "SamplerConfig",
+    "ServeConfig",
+    "SplitConfig",
+    "SyntheticConfig",
+    "TrackingConfig",
+    "ValidateConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "flatten",
+    "load_config",
+    "load_from_args",
+    "parse_override",
+    "stage_argparser",
+]
