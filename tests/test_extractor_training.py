@@ -116,6 +116,10 @@ def test_export_parity_dygraph_paddle_inference_onnx(tiny_cub, tmp_path):
     for backend in ("paddle", "onnx"):
         out = Predictor(tmp_path / "export", backend=backend)(batch)[0]
         assert np.abs(out - reference).max() < 1e-4, backend
+    # auto: ONNX Runtime when the export has model.onnx, Paddle Inference when it has not
+    assert Predictor(tmp_path / "export", backend="auto").backend == "onnx"
+    (tmp_path / "export" / "model.onnx").unlink()
+    assert Predictor(tmp_path / "export", backend="auto").backend == "paddle"
 
 
 def test_predictor_errors(tmp_path):

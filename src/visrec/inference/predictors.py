@@ -12,7 +12,18 @@ from visrec.inference.export import ONNX_FILE, PADDLE_PREFIX, read_model_json
 
 logger = logging.getLogger(__name__)
 
-Backend = Literal["paddle", "onnx"]
+Backend = Literal["auto", "paddle", "onnx"]
+
+
+def resolve_backend(model_dir: str | Path, backend: Backend) -> Literal["paddle", "onnx"]:
+    """``auto``: ONNX Runtime when the export has ``model.onnx``, else Paddle Inference.
+
+    ONNX Runtime is the faster of the two at the batch sizes of recognition (EfficientNet-Lite0
+    at 224 px, one photo: 6.7-8.0 ms against 10.6-11.6 on 2 threads; docs/experiments.md).
+    """
+    if backend == "auto":
+        return "onnx" if (Path(model_dir) / ONNX_FILE).is_file() else "paddle"
+    return backend
 
 
 class Predictor:
@@ -21,13 +32,14 @@ class Predictor:
     def __init__(self, model_dir: str | Path, backend: Backend = "paddle", num_threads: int = 2):
         self.model_dir = Path(model_dir)
         self.meta = read_model_json(self.model_dir)
+        backend = resolve_backend(self.model_dir, backend)
         self.backend = backend
         if backend == "paddle":
             self._run = self._paddle_runner(num_threads)
         elif backend == "onnx":
             self._run = self._onnx_runner(num_threads)
         else:
-            raise ValueError(f"unknown backend {backend!r}: use 'paddle' or 'onnx'")
+            raise ValueError(f"unknown backend {backend!r}: use 'auto', 'paddle' or 'onnx'")
 
     @property
     def fingerprint(self) -> str:
