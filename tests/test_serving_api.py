@@ -136,6 +136,9 @@ def test_embed_pads_batches_to_a_few_shapes_and_answers_the_same(api, tmp_path):
     assert shapes == [1, 4] and vectors.shape == (3, extractor.dim)
     np.testing.assert_allclose(vectors[0], api.embed_arrays(arrays[:1])[0], atol=1e-5)
     assert len(one) == extractor.dim
+    assert api.embed_arrays(np.zeros((0, extractor.size, extractor.size, 3))).shape == (0, extractor.dim)
+    nan = np.full((1, extractor.size, extractor.size, 3), np.nan)
+    assert np.all(np.isfinite(api.embed_arrays(nan)))
     with pytest.raises(BadRequest, match="shape"):
         api.embed_arrays(np.array("abc"))
     with pytest.raises(BadRequest, match="shape"):

@@ -260,7 +260,8 @@ class RecognitionAPI:
                 "fingerprint": extractor.fingerprint}
 
     def embed_arrays(self, images: Any) -> np.ndarray:
-        """``[N, S, S, 3]`` uint8 RGB at the extractor's input size -> ``[N, D]`` embeddings."""
+        """``[N, S, S, 3]`` RGB at the extractor's input size -> ``[N, D]`` embeddings (N may be 0;
+        values are clipped to 0..255, NaN counts as 0). Raises BadRequest for another shape."""
         system, _ = self.live.refresh()
         extractor = system.extractor
         try:
@@ -268,13 +269,12 @@ class RecognitionAPI:
         except (TypeError, ValueError):
             images = np.zeros(0)
         if (images.ndim != 4 or images.shape[1:] != (extractor.size, extractor.size, 3)
-                or images.dtype.kind not in "fiu" or images.shape[0] == 0):
-            raise BadRequest(f"'images' must be a non-empty numeric array of shape [N, {extractor.size}, "
-                             f"{extractor.size}, 3] (RGB, 0..255), got shape {list(images.shape)} "
-                             f"of {images.dtype}")
-        if images.dtype.kind == "f" and not np.all(np.isfinite(images)):
-            raise BadRequest("'images' contains NaN or infinite values")
-        images = np.clip(images, 0, 255).astype(np.uint8, copy=False)
+                or images.dtype.kind not in "fiub"):
+            raise BadRequest(f"'images' must be a numeric array of shape [N, {extractor.size}, "
+                             f"{extractor.size}, 3] (RGB, 0..255), got shape {list(images.shape)} of {images.dtype}")
+        if len(images) == 0:
+            return np.zeros((0, extractor.dim), dtype=np.float32)
+        images = np.clip(np.nan_to_num(images.astype(np.float32, copy=False)), 0, 255).astype(np.uint8)
         batch = np.stack([extractor.preprocess(img) for img in images])
         return np.concatenate([self._embed_preprocessed(batch[i:i + 32]) for i in range(0, len(batch), 32)])
 
