@@ -233,8 +233,7 @@ class RecognitionAPI:
         size = bucket(n)
         if size != n:
             batch = np.concatenate([batch, np.zeros((size - n, *batch.shape[1:]), dtype=batch.dtype)])
-        with self.live.model_lock:
-            return system.extractor.embed_batch(batch)[:n]
+        return self.live.run_model(system.extractor.embed_batch, batch)[:n]
 
     async def embed(self, image: Path) -> dict[str, Any]:
         """The embedding of a whole uploaded image (adaptively batched with concurrent calls)."""
