@@ -22,6 +22,7 @@ from typing import Annotated, Any
 
 import bentoml
 import numpy as np
+from pydantic import BeforeValidator
 from starlette.responses import JSONResponse
 
 with bentoml.importing():
@@ -31,16 +32,18 @@ with bentoml.importing():
 
     with root_logging_kept():  # Paddle installs an INFO root handler at import
         from visrec.serving import http as http_limits
-        from visrec.serving.api import API_ROUTES, INFRA_PREFIXES, INFRA_ROUTES, RecognitionAPI, ServeSettings
+        from visrec.serving.api import (
+            API_ROUTES, INFRA_PREFIXES, INFRA_ROUTES, RecognitionAPI, ServeSettings, image_arrays,
+        )
         from visrec.serving.errors import ServiceError
         from visrec.serving.guard import QuietRejections, RequestGuard
 
 SETTINGS = ServeSettings.from_env()  # read once: BentoML fixes workers and middleware at start-up
 http_limits.install(SETTINGS.max_header_bytes, exact=API_ROUTES + INFRA_ROUTES, prefixes=INFRA_PREFIXES)
 logging.getLogger("bentoml._internal.server.http_app").addFilter(QuietRejections())
-_size = SETTINGS.extractor_size()
-ImageArrays = (Annotated[np.ndarray, bentoml.validators.DType("float32"), bentoml.validators.Shape((-1, _size, _size, 3))]
-               if _size else Annotated[np.ndarray, bentoml.validators.DType("float32")])
+# Shape checked (a 400) before BentoML's own validator and before batching: see image_arrays
+ImageArrays = Annotated[np.ndarray, bentoml.validators.DType("float32"),
+                        BeforeValidator(image_arrays(SETTINGS.extractor_size()))]
 
 info_app = FastAPI(title="visrec gallery (read-only)")
 EMBED_BATCH_SIZE = bentoml.metrics.Histogram(

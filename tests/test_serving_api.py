@@ -56,6 +56,18 @@ def test_labels_are_checked():
             labels_for_upload(2, **kwargs)
 
 
+def test_image_arrays_refuses_what_is_not_an_image_batch():
+    from visrec.serving.api import image_arrays
+
+    validate = image_arrays(4)
+    assert validate(np.zeros((2, 4, 4, 3)).tolist()).shape == (2, 4, 4, 3)
+    assert validate([]).shape == (0, 4, 4, 3)
+    for bad, words in (([[[{"a": 1}]]], "list of numbers"), ("abc", "list of numbers"), ([[1], [2, 3]], "numbers"),
+                       ([1.0, 2.0], "shape"), (np.zeros((1, 5, 4, 3)).tolist(), "shape")):
+        with pytest.raises(ValueError, match=words):
+            validate(bad)
+
+
 def png_file(tmp_path: Path, name: str, seed: int) -> Path:
     rng = np.random.default_rng(seed)
     buffer = io.BytesIO()

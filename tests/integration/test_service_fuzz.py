@@ -19,8 +19,8 @@ from .test_service import AUTH, tiny_service
 
 pytestmark = pytest.mark.integration
 
-FUZZ_EXAMPLES = int(os.environ.get("VISREC_FUZZ_EXAMPLES", "40"))
-FUZZ_SECONDS = float(os.environ.get("VISREC_FUZZ_SECONDS", "90"))
+FUZZ_EXAMPLES = int(os.environ.get("VISREC_FUZZ_EXAMPLES", "25"))
+FUZZ_SECONDS = float(os.environ.get("VISREC_FUZZ_SECONDS", "45"))
 
 
 @pytest.fixture(scope="module")

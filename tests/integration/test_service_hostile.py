@@ -131,6 +131,7 @@ def test_unknown_paths_do_not_grow_metrics(hostile):
      "multipart/form-data"),
     ("embed_batch", {"json": {"images": "abc"}}, 400, ""),
     ("embed_batch", {"json": {"images": [[1, 2], [3]]}}, 400, ""),
+    ("embed_batch", {"json": {"images": [[[[{"a": 1}]]]]}}, 400, "validation error"),  # found by the fuzz run
     ("gallery/remove", {"json": {"ids": "abc"}, "headers": AUTH}, 400, ""),
     ("gallery/remove", {"data": b"{not json", "headers": {**AUTH, "Content-Type": "application/json"}}, 400, ""),
 ])

@@ -19,7 +19,7 @@ import os
 import time
 import unicodedata
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,6 +166,29 @@ def labels_for_upload(count: int, label: object = None, labels: object = None) -
     for i, name in enumerate(names):
         check_label(name, "label" if labels is None else f"labels[{i}]")
     return names
+
+
+def image_arrays(size: int | None) -> Callable[[Any], np.ndarray]:
+    """A validator for ``/embed_batch``'s JSON input: a float32 ``[N, size, size, 3]`` array
+    (an empty list is N = 0), else ValueError, which pydantic turns into a 400. It runs before
+    BentoML's tensor validator, which lets a TypeError (an object inside the list) out as a
+    500, and a batchable API must not raise for one request's content: the batch it joins
+    would fail with it."""
+
+    def validate(value: Any) -> np.ndarray:
+        try:
+            array = np.asarray(value, dtype=np.float32)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError("expected a (nested) list of numbers") from None
+        if size is None:
+            return array
+        if array.size == 0:
+            return np.zeros((0, size, size, 3), dtype=np.float32)
+        if array.ndim != 4 or array.shape[1:] != (size, size, 3):
+            raise ValueError(f"expected an array of shape [N, {size}, {size}, 3], got {list(array.shape)}")
+        return array
+
+    return validate
 
 
 def bucket(n: int) -> int:
