@@ -59,7 +59,7 @@ import yaml
 # visrec's public entry points, all in one place (module moves on other branches land here only).
 from visrec.config import load_config
 from visrec.data.cub import read_cub
-from visrec.data.datasets import load_image
+from visrec.imaging import load_image
 from visrec.data.split import write_split
 from visrec.evaluation.retrieval_eval import eval_dataset_for, evaluate_embeddings
 from visrec.index.faiss_index import index_params

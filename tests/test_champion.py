@@ -10,8 +10,9 @@ import pytest
 
 from visrec.config import config_from_dict
 from visrec.imaging import load_image
-from visrec.index.gallery import Gallery, UnknownIdError
+from visrec.index.gallery import Gallery
 from visrec.inference.extractor_runtime import Extractor
+from visrec.serving.errors import NotFound
 from visrec.inference.gallery_ops import GalleryItem
 from visrec.workflows.champion import (
     champion_record,
@@ -97,15 +98,17 @@ def test_live_recognition_follows_promotions_and_gallery_changes(pipeline_output
     system, gallery = live.refresh()
     assert live.champion == name and system is live.system and len(gallery) == 6
 
-    stored = live.store_upload(images[6][0].read_bytes(), ".jpg")
-    assert stored.parent == repo / "data" / "gallery_uploads" and stored.read_bytes() == images[6][0].read_bytes()
-    ids, gallery = live.add_images([load_image(stored)], ["uploaded"], [stored])
-    assert len(gallery) == 7 and gallery.metadata_of(ids[0])["path"] == str(stored)
+    data = images[6][0].read_bytes()
+    ids, gallery = live.add_images([load_image(images[6][0])], ["uploaded"], [(data, ".jpg")])
+    stored = Path(gallery.metadata_of(ids[0])["path"])
+    assert stored.parent == repo / "data" / "gallery_uploads" and stored.read_bytes() == data
+    assert len(gallery) == 7
     assert len(Gallery.load(repo / "data" / "champion" / "current" / "gallery")) == 7  # published
 
     removed, gallery = live.remove(label="uploaded")
     assert removed == 1 and len(live.refresh()[1]) == 6
-    with pytest.raises(UnknownIdError, match="uploaded"):
+    assert not stored.exists()  # no entry refers to the stored upload any more
+    with pytest.raises(NotFound, match="uploaded"):
         live.remove(label="uploaded")  # nothing left to remove: nothing saved
     with pytest.raises(ValueError, match="exactly one"):
         live.remove()

@@ -115,10 +115,35 @@ def test_oversized_upload_refused_before_decoding():
 
 def test_decompression_bomb_refused_from_the_header():
     data = png_declaring(100_000, 100_000)
-    with pytest.raises(BadImageError, match="too large.*10000000000 pixels.*refused before decoding"):
+    with pytest.raises(BadImageError, match="too large.*40000000 pixels.*refused before decoding"):
         decode_upload(data, 10 * MB, 40_000_000)
     with pytest.raises(BadImageError, match="refused before decoding"):  # the limit is ours, not PIL's
         decode_upload(encode(rgb_image(40, 30), "PNG"), 10 * MB, max_pixels=1000)
+
+
+def test_decompression_bomb_message_names_the_configured_limit():
+    """Pillow's own guard fires at twice its MAX_IMAGE_PIXELS (set by configure_pil): the client
+    must read the configured limit (40,000,000), not Pillow's (80,000,000)."""
+    from PIL import Image
+
+    from visrec.serving.images import ImageTooLarge, configure_pil
+
+    saved = Image.MAX_IMAGE_PIXELS
+    try:
+        configure_pil(40_000_000)
+        with pytest.raises(ImageTooLarge) as info:
+            decode_upload(png_declaring(100_000, 100_000), 10 * MB, 40_000_000)
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+    assert "40000000" in str(info.value) and "80000000" not in str(info.value)
+    assert info.value.status == 413
+
+
+def test_decoded_format_is_reported():
+    from visrec.serving.images import decode_image
+
+    assert decode_image(encode(rgb_image(), "PNG")).extension == ".png"
+    assert decode_image(encode(rgb_image(), "JPEG")).extension == ".jpg"
 
 
 def test_bad_image_error_is_a_value_error():
@@ -140,46 +165,3 @@ def test_admin_auth_disabled_without_a_token_and_checked_with_one():
     assert check_admin("s3cret", "Basic s3cret")[0] == 401
     assert check_admin("s3cret", "Bearer s3cret") == (200, "")
     assert check_admin("s3cret", "bearer  s3cret ") == (200, "")
-
-
-def test_body_size_limit_answers_413_from_content_length():
-    import asyncio
-
-    from visrec.serving import BodySizeLimit
-
-    calls = []
-
-    async def app(scope, receive, send):
-        calls.append(scope["path"])
-
-    def run(path: str, length: int | None) -> list[dict]:
-        sent: list[dict] = []
-
-        async def send(message):
-            sent.append(message)
-
-        async def receive():
-            return {"type": "http.request", "body": b""}
-
-        headers = [] if length is None else [(b"content-length", str(length).encode())]
-        middleware = BodySizeLimit(app, default_limit=100, limits={"/gallery/add": 1000})
-        asyncio.run(middleware({"type": "http", "path": path, "headers": headers}, receive, send))
-        return sent
-
-    assert run("/recognize", 100) == [] and run("/recognize", None) == [] and run("/gallery/add", 1000) == []
-    assert calls == ["/recognize", "/recognize", "/gallery/add"]
-    for path, length in (("/recognize", 101), ("/gallery/add", 1001)):
-        sent = run(path, length)
-        assert sent[0]["status"] == 413 and b"too large" in sent[1]["body"]
-    assert len(calls) == 3  # refused requests never reached the app
-
-
-def test_labels_for_upload():
-    from visrec.serving import labels_for_upload
-
-    assert labels_for_upload(2, label="a") == ["a", "a"]
-    assert labels_for_upload(2, labels=["a", 3]) == ["a", "3"]
-    for kwargs, message in [({}, "exactly one"), ({"label": "a", "labels": ["a"]}, "exactly one"),
-                            ({"labels": ["a"]}, "1 labels for 2 images"), ({"labels": ["a", " "]}, "non-empty")]:
-        with pytest.raises(ValueError, match=message):
-            labels_for_upload(2, **kwargs)

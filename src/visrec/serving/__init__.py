@@ -1,16 +1,21 @@
-"""Serving helpers shared by the BentoML service (``bento/service.py``): upload decoding, auth.
+"""Serving: what the BentoML shell (``bento/service.py``) passes its calls to.
 
-Both are plain Python so they are unit-tested without starting a server.
+* :mod:`visrec.serving.api`: the endpoints as plain Python, and the service's settings
+* :mod:`visrec.serving.guard`: the request guard (sizes, token, form shape) before a body is read
+* :mod:`visrec.serving.http`: header-size cap and known paths, below the ASGI application
+* :mod:`visrec.serving.live`: the served models and gallery, following promotions and changes
+* :mod:`visrec.serving.images`: upload decoding; :mod:`visrec.serving.errors`: typed HTTP errors
+
+All plain Python, unit-tested without starting a server.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 
 from visrec.serving.images import BadImageError, configure_pil, decode_upload
 
-__all__ = ["BadImageError", "BodySizeLimit", "check_admin", "configure_pil", "decode_upload", "labels_for_upload"]
+__all__ = ["BadImageError", "check_admin", "configure_pil", "decode_upload", "root_logging_kept"]
 
 ADMIN_TOKEN_ENV = "VISREC_ADMIN_TOKEN"
 
@@ -35,47 +40,20 @@ def check_admin(expected_token: str | None, authorization: str | None) -> tuple[
     return 200, ""
 
 
-def labels_for_upload(count: int, label: object = None, labels: list | None = None) -> list[str]:
-    """One label per uploaded image, from ``label`` (for all) or ``labels`` (one each, in order).
+class root_logging_kept:  # noqa: N801 (a context manager used like a function)
+    """``with root_logging_kept(): import paddle...``: undo the root log handlers and level that
+    imports install (Paddle adds an INFO-level root handler), so the server's own logging
+    configuration stays the one in force."""
 
-    Raises ValueError naming the problem: neither or both given, a count mismatch, an empty label.
-    """
-    if (label is None) == (labels is None):
-        raise ValueError("give exactly one of 'label' (for every image) or 'labels' (a JSON list, one per image)")
-    names = [str(label)] * count if labels is None else [str(x) for x in labels]
-    if len(names) != count:
-        raise ValueError(f"{len(names)} labels for {count} images: give one label per image")
-    if any(not name.strip() for name in names):
-        raise ValueError("labels must be non-empty strings")
-    return names
+    def __enter__(self):
+        import logging
 
+        self._root = logging.getLogger()
+        self._state = (list(self._root.handlers), self._root.level)
+        return self
 
-class BodySizeLimit:
-    """ASGI middleware: refuse a request whose declared ``Content-Length`` exceeds a limit (413).
-
-    The multipart parser writes a whole upload to temporary files before the API sees it, so
-    the per-file check in the API alone would let a client fill the disk; this answers from the
-    header, before the body is read. ``limits`` maps exact paths to their own limits (e.g. a
-    multi-file endpoint); other paths get ``default_limit``. A chunked body (no Content-Length)
-    passes through: the API's per-file size check still applies to it.
-    """
-
-    def __init__(self, app, default_limit: int, limits: dict[str, int] | None = None) -> None:
-        self.app = app
-        self.default_limit = int(default_limit)
-        self.limits = dict(limits or {})
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope.get("type") == "http":
-            limit = self.limits.get(scope.get("path", ""), self.default_limit)
-            declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-            if declared.isdigit() and int(declared) > limit:
-                body = json.dumps({"error": f"request body too large: {int(declared)} bytes, the limit for "
-                                            f"{scope.get('path')} is {limit} bytes"}).encode()
-                await send({"type": "http.response.start", "status": 413,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode()),
-                                        (b"connection", b"close")]})
-                await send({"type": "http.response.body", "body": body})
-                return
-        await self.app(scope, receive, send)
+    def __exit__(self, *exc) -> bool:
+        for handler in [h for h in self._root.handlers if h not in self._state[0]]:
+            self._root.removeHandler(handler)
+        self._root.setLevel(self._state[1])
+        return False

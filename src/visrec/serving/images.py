@@ -20,16 +20,37 @@ like the gallery). Multi-frame files (GIF, TIFF) give their first frame.
 from __future__ import annotations
 
 import io
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from visrec.serving.errors import BadRequest
+
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
+# Pillow format -> the extension a stored upload gets (from the decoded bytes, never the client's name)
+EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tif",
+              "MPO": ".jpg"}
 
 
-class BadImageError(ValueError):
-    """An upload that is not a usable image; the message says why (safe to show a client)."""
+class BadImageError(BadRequest):
+    """An upload that is not a usable image (400); the message says why (safe to show a client)."""
+
+
+class ImageTooLarge(BadImageError):
+    """Too many bytes or too many pixels (413)."""
+
+    status = 413
+
+
+class DecodedImage(NamedTuple):
+    array: np.ndarray  # HWC uint8 RGB
+    format: str  # Pillow's name of the decoded format, e.g. "JPEG"
+
+    @property
+    def extension(self) -> str:
+        return EXTENSIONS.get(self.format, "." + "".join(c for c in self.format.lower() if c.isalnum())[:8])
 
 
 def configure_pil(max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
@@ -88,18 +109,25 @@ def decode_upload(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES,
 
     Raises :class:`BadImageError` (with a message for the client) on anything unusable.
     """
+    return decode_image(data, max_bytes, max_pixels).array
+
+
+def decode_image(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """:func:`decode_upload` with the decoded format (what a stored upload is named after)."""
     if data is None or len(data) == 0:
         raise BadImageError("empty upload: the image file has zero bytes")
     if len(data) > max_bytes:
-        raise BadImageError(f"upload too large: {len(data)} bytes, the limit is {max_bytes} bytes "
+        raise ImageTooLarge(f"upload too large: {len(data)} bytes, the limit is {max_bytes} bytes "
                             f"({max_bytes / 2**20:.1f} MiB)")
     try:
         image = Image.open(io.BytesIO(data))  # lazy: reads the header only
     except UnidentifiedImageError:
         raise BadImageError("not an image: the bytes are in no image format this server can read "
                             "(send a JPEG, PNG, WebP, BMP, GIF or TIFF file)") from None
-    except Image.DecompressionBombError as exc:  # Pillow's own guard (over 2x MAX_IMAGE_PIXELS)
-        raise BadImageError(f"image too large: {exc} (refused before decoding)") from None
+    except Image.DecompressionBombError:  # Pillow's own guard (over 2x MAX_IMAGE_PIXELS): name OUR limit
+        raise ImageTooLarge(f"image too large: its header declares more than {max_pixels} pixels, the limit "
+                            "(refused before decoding)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadImageError(f"corrupt image header: {exc}") from None
     with image:
@@ -107,17 +135,18 @@ def decode_upload(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES,
         if width <= 0 or height <= 0:
             raise BadImageError(f"invalid image size {width}x{height}")
         if width * height > max_pixels:
-            raise BadImageError(f"image too large: its header declares {width}x{height} = {width * height} "
+            raise ImageTooLarge(f"image too large: its header declares {width}x{height} = {width * height} "
                                 f"pixels, the limit is {max_pixels} (refused before decoding)")
         fmt = image.format or "image"
         try:
             image.load()
-        except Image.DecompressionBombError as exc:
-            raise BadImageError(f"image too large (decompression bomb guard): {exc}") from None
+        except Image.DecompressionBombError:
+            raise ImageTooLarge(f"image too large: more than {max_pixels} pixels, the limit "
+                                "(decompression bomb guard)") from None
         except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
             raise BadImageError(f"corrupt or truncated {fmt} file: {exc}") from None
         try:
-            return _to_rgb(image)
+            return DecodedImage(_to_rgb(image), image.format or "image")
         except BadImageError:
             raise
         except (OSError, SyntaxError, ValueError, EOFError) as exc:

@@ -4,7 +4,7 @@ Shared by the BentoML service and anything else that serves (plain Python, unit-
 without a server):
 
 * **Which models**: the champion when ``serve.champion`` is on and one is published, else the
-  pipeline's latest export (:func:`visrec.serving.champion.served_recognition`).
+  pipeline's latest export (:func:`visrec.workflows.champion.served_recognition`).
 * **Promotions**: before each request the worker compares the champion's ``current`` link
   with the one it loaded (one readlink); when it moved, models and gallery are reloaded
   together and swapped in at once.
@@ -13,8 +13,10 @@ without a server):
   keeps the gallery object it started with, so it never sees half a change. Changes made by
   another worker or tool (``Gallery.current_version`` moved) are picked up the same way. A
   file lock in the gallery directory serialises load-modify-save across workers.
-* **Uploaded gallery images** are stored content-addressed under ``serve.upload_dir`` and their
-  path recorded in the entry's metadata, so a future champion can re-embed them.
+* **Uploaded gallery images** are stored under ``serve.upload_dir``, named by content hash and
+  decoded format, and their path recorded in the entry's metadata, so a future champion can
+  re-embed them. A stored file no entry refers to any more (after a removal) is deleted, and
+  so are writes a crash interrupted (at start-up).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import hashlib
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,14 +33,16 @@ from typing import Any, TypeVar
 import numpy as np
 
 from visrec.config import Config
-from visrec.index.gallery import Gallery, UnknownIdError, update_lock
+from visrec.index.gallery import Gallery, update_lock
 from visrec.inference.gallery_ops import best_boxes, check_views, view_boxes
 from visrec.inference.pipeline import RecognitionSystem
 from visrec.workflows.champion import current_champion, served_recognition
+from visrec.serving.errors import BadRequest, Conflict, NotFound, UnprocessableContent
 from visrec.utils.fs import resolve_under
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+TMP_PREFIX = ".tmp-"  # an upload being written (left behind only by an interrupted save)
 
 
 class LiveRecognition:
@@ -49,7 +54,11 @@ class LiveRecognition:
         self.champion_root = resolve_under(config.paths.champion, self.base)
         self.upload_dir = resolve_under(config.serve.upload_dir, self.base)
         self.lock = threading.RLock()  # reload / swap / mutation within this worker
-        self.model_lock = threading.Lock()  # Paddle predictors are not thread-safe
+        # Every model call runs on this one thread: Paddle predictors are not thread-safe, and
+        # Paddle's oneDNN caches are kept per calling thread, so calls from a pool of request
+        # threads multiplied them (a worker grew to 2.2 GB instead of 0.56 GB at 16 clients).
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="visrec-model")
+        self._model_thread_id: int | None = None
         self._load()
 
     def _load(self) -> None:
@@ -88,8 +97,9 @@ class LiveRecognition:
                 self.version = version
             return self.system, self.system.gallery
 
-    def mutate(self, change: Callable[[Gallery], T]) -> tuple[T, Gallery]:
-        """Apply ``change(gallery)`` to a fresh copy of the live gallery, publish it, swap it in.
+    def mutate(self, change: Callable[[Gallery], T], prune: bool = False) -> tuple[T, Gallery]:
+        """Apply ``change(gallery)`` to a fresh copy of the live gallery, publish it, swap it in;
+        with ``prune``, then delete the stored uploads no entry refers to any more.
 
         ``change`` raising leaves the saved gallery as it was."""
         with self.lock:
@@ -101,60 +111,110 @@ class LiveRecognition:
                 gallery.save(self.gallery_path)
                 self.system.set_gallery(gallery)
                 self.version = Gallery.current_version(self.gallery_path)
+                if prune:
+                    self._prune_uploads(gallery)
                 return result, gallery
+
+    def run_model(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the model thread (one call at a time, always the same thread)."""
+        if threading.get_ident() == self._model_thread_id:
+            return fn(*args)
+
+        def call() -> T:
+            self._model_thread_id = threading.get_ident()
+            return fn(*args)
+
+        return self._model_thread.submit(call).result()
 
     def embed(self, images: Sequence[np.ndarray], system: RecognitionSystem | None = None) -> np.ndarray:
         system = system or self.system
-        with self.model_lock:
-            return system.extractor.embed(list(images))
+        return self.run_model(system.extractor.embed, list(images))
 
     def describe(self, image: np.ndarray, system: RecognitionSystem | None = None):
-        """Boxes and their embeddings (``RecognitionSystem.describe``) under the model lock."""
+        """Boxes and their embeddings (``RecognitionSystem.describe``) on the model thread."""
         system = system or self.system
-        with self.model_lock:
-            return system.describe(image)
+        return self.run_model(system.describe, image)
 
-    def store_upload(self, data: bytes, suffix: str = ".jpg") -> Path:
-        """Keep an uploaded gallery image (content-addressed, written atomically); returns its path."""
+    # ------------------------------------------------------------------ stored uploads
+    # Written, and pruned, only under the gallery's update lock (inside ``mutate``): no other
+    # worker can then be between storing a file and saving the entry that refers to it.
+
+    def _store_upload(self, data: bytes, extension: str) -> Path:
+        """Keep an uploaded gallery image, named by its content hash and decoded format
+        (never the client's file name), written atomically; returns its path."""
         self.upload_dir.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256(data).hexdigest()[:24]
-        path = self.upload_dir / f"{digest}{suffix.lower() if suffix else '.img'}"
+        path = self.upload_dir / f"{digest}{extension}"
         if not path.exists():
-            tmp = path.with_name(f".{path.name}.tmp-{threading.get_ident()}")
+            tmp = self.upload_dir / f"{TMP_PREFIX}{path.name}.{threading.get_ident()}"
             tmp.write_bytes(data)
             tmp.replace(path)
         return path.resolve()
 
+    def _prune_uploads(self, gallery: Gallery) -> int:
+        """Delete stored uploads no entry of ``gallery`` refers to, and interrupted writes."""
+        if not self.upload_dir.is_dir():
+            return 0
+        root = self.upload_dir.resolve()
+        referenced = set()
+        for i in gallery.ids():
+            stored = gallery.metadata_of(i).get("path")
+            if stored and Path(stored).parent == root:
+                referenced.add(Path(stored).name)
+        removed = 0
+        for path in root.iterdir():
+            if path.is_file() and path.name not in referenced:
+                path.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            logger.info("deleted %d stored upload(s) no gallery entry refers to", removed)
+        return removed
+
+    def clean_uploads(self) -> int:
+        """At start-up: delete interrupted writes and uploads the live gallery no longer uses."""
+        if not self.upload_dir.is_dir() or not self.gallery_path.is_dir():
+            return 0
+        with self.lock, update_lock(self.gallery_path):
+            gallery = Gallery.load(self.gallery_path, num_threads=self.settings.num_threads)
+            return self._prune_uploads(gallery)
+
     def add_images(self, arrays: Sequence[np.ndarray], labels: Sequence[str],
-                   stored: Sequence[Path | None]) -> tuple[list[int], Gallery]:
+                   uploads: Sequence[tuple[bytes, str] | None]) -> tuple[list[int], Gallery]:
         """Embed images as their gallery views (``recognition.gallery_views``, as ``visrec gallery
         add`` does) and add them under ``labels`` (metadata: source, time, stored path, view).
+        ``uploads``: per image, (its bytes, extension) to keep under ``serve.upload_dir`` (so a
+        future champion can re-embed it), or None.
 
-        Raises ValueError (nothing added) if any image gives no usable embedding."""
+        Raises UnprocessableContent (nothing added) if any image gives no usable embedding, and
+        Conflict if a promotion raced the embedding."""
         system, _ = self.refresh()
         views = self.settings.gallery_views
         check_views(views)
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         crops, entry_labels, metadata = [], [], []
-        with self.model_lock:
-            detected = (best_boxes(system.detector, arrays) if system.detector is not None and "object" in views
-                        else [None] * len(arrays))
-        for array, label, path, box in zip(arrays, labels, stored, detected, strict=True):
+        detected = (self.run_model(best_boxes, system.detector, arrays)
+                    if system.detector is not None and "object" in views else [None] * len(arrays))
+        owners = []  # the upload each entry comes from
+        for index, (array, label, box) in enumerate(zip(arrays, labels, detected, strict=True)):
             for view, view_box in view_boxes(views, None, box):
                 crops.append(array if view_box is None else system.extractor.crop(array, view_box))
                 entry_labels.append(label)
+                owners.append(index)
                 metadata.append({"source": "api", "added": now, "view": view,
-                                 **({"path": str(path)} if path is not None else {}),
                                  **({"box": [round(v, 2) for v in view_box]} if view_box is not None else {})})
         vectors = self.embed(crops, system)
         norms = np.linalg.norm(vectors, axis=1)
         if not np.all(np.isfinite(norms) & (norms > 1e-6)):
-            raise ValueError("the extractor gives no usable embedding for some of these images; nothing was added")
+            raise UnprocessableContent("the extractor gives no usable embedding for some of these images; nothing was added")
         fingerprint = system.extractor.fingerprint
 
         def change(gallery: Gallery) -> list[int]:
             if gallery.fingerprint and gallery.fingerprint != fingerprint:  # promoted while we embedded
-                raise RuntimeError("the champion changed while these images were embedded; send them again")
+                raise Conflict("the champion changed while these images were embedded; send them again")
+            paths = [None if upload is None else self._store_upload(*upload) for upload in uploads]
+            for meta, owner in zip(metadata, owners, strict=True):
+                if paths[owner] is not None:
+                    meta["path"] = str(paths[owner])
             return gallery.add(vectors, entry_labels, metadata)
 
         return self.mutate(change)
@@ -162,19 +222,23 @@ class LiveRecognition:
     def remove(self, ids: Sequence[int] | None = None, label: str | None = None) -> tuple[int, Gallery]:
         """Remove entries by ``ids`` or every entry of ``label``; returns (removed, gallery).
 
-        Raises ValueError for a bad request and UnknownIdError when nothing matches (nothing
-        is saved then)."""
+        Raises BadRequest for a bad request and NotFound when an id or the label is not in the
+        gallery (nothing is removed then)."""
         if (ids is None) == (label is None):
-            raise ValueError("give exactly one of 'ids' (a list of gallery ids) or 'label'")
+            raise BadRequest("give exactly one of 'ids' (a list of gallery ids) or 'label'")
         if ids is not None and not ids:
-            raise ValueError("'ids' is empty")
+            raise BadRequest("'ids' is empty")
 
         def change(gallery: Gallery) -> int:
             if label is None:
+                unknown = sorted({int(i) for i in ids if int(i) not in gallery})
+                if unknown:
+                    shown = ", ".join(map(str, unknown[:10])) + (", ..." if len(unknown) > 10 else "")
+                    raise NotFound(f"no gallery entries with id(s) {shown}: nothing was removed")
                 return gallery.remove(ids)
             removed = gallery.remove_label(label)
             if removed == 0:
-                raise UnknownIdError(f"no gallery entries with label {label!r}")
+                raise NotFound(f"no gallery entries with label {label!r}")
             return removed
 
-        return self.mutate(change)
+        return self.mutate(change, prune=True)
