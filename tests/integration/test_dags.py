@@ -179,14 +179,14 @@ def test_retrain_dag_runs_end_to_end_then_is_idempotent(airflow_env, tmp_path_fa
     assert ran_stages("\n".join(line.split("] ", 1)[-1].lstrip() for line in log.splitlines())) == ALL_STAGES
     champion_file = repo / "data/champion/current/champion.json"
     champion = json.loads(champion_file.read_text())
-    assert {"recall@1", "det_AP50", "promoted_at", "git_commit"} <= set(champion)
+    assert {"recall_at_1", "det_AP50", "promoted_at", "git_commit"} <= set(champion)
     assert (repo / "data/champion/current/export/extractor/model.json").exists()
     assert (repo / "data/champion/current/gallery/current").is_symlink()  # the candidate's gallery, published
     assert "PROMOTED (no champion yet)" in log
     assert "no running service at" in log  # promoted -> the notify task ran (and skipped: no service)
 
-    champion_file.write_text(json.dumps({**champion, "recall@1": 1.0, "det_AP50": 1.0}))
+    champion_file.write_text(json.dumps({**champion, "recall_at_1": 1.0, "det_AP50": 1.0}))
     log = run_dag()
     assert "Running stage" not in log, log[-8000:]  # nothing changed: DVC skipped every stage
     assert "candidate worse" in log and "no running service at" not in log  # short-circuited
-    assert json.loads(champion_file.read_text())["recall@1"] == 1.0
+    assert json.loads(champion_file.read_text())["recall_at_1"] == 1.0
