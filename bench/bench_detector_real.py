@@ -28,7 +28,7 @@ from visrec.data.cub import CUB_DIRNAME, read_cub
 from visrec.data.split import coco_for, write_split
 from visrec.data.synthetic import generate
 from visrec.inference.detector_runtime import exported_predict_fn
-from visrec.training.detector import (build_model, evaluate_detector, make_dataset, model_config,
+from visrec.training.detector import (evaluate_detector, load_trained, make_dataset, model_config,
                                       postprocess_params, train_detector)
 from visrec.utils.logs import setup_logging
 
@@ -85,7 +85,6 @@ def main() -> None:
     real = real_dataset(det, args.cub_dir, args.train_classes, args.work)
     print(f"{len(real)} real photos of the unseen classes of {args.cub_dir}; overrides {args.override or 'none'}")
     if args.export:
-        from visrec.training.detector import load_trained
         model, _ = load_trained(args.export)
         m = score(model, det, real)
         print(f"real AP50 {m['det_AP50']:.3f}  mAP {m['det_mAP']:.3f}")
@@ -105,7 +104,6 @@ def main() -> None:
         print(f"epoch {epoch}: real AP50 {m['det_AP50']:.3f}  mAP {m['det_mAP']:.3f}  "
               f"({(time.perf_counter() - start) / 60:.1f} min)", flush=True)
 
-    build_model(det)  # a bad setting fails before the run
     with tempfile.TemporaryDirectory(prefix="visrec-det-run-") as tmp:
         train_detector(det, raw_root, split_dir, args.run_dir or Path(tmp), epoch_callback=after_epoch)
     best = max(rows, key=lambda r: r[1])

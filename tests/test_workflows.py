@@ -227,11 +227,15 @@ def test_a_failed_change_leaves_the_saved_gallery(gallery_env):
         gallery.remove(gallery.ids()[:2])
         raise RuntimeError("half-way")
 
+    seen = []
     with pytest.raises(RuntimeError, match="half-way"):
-        change_gallery(gallery_path, fail)
+        change_gallery(gallery_path, fail, after_save=seen.append)
+    assert seen == []  # nothing was saved, so nothing runs after a save
     assert Gallery.current_version(gallery_path) == old_version and len(Gallery.load(gallery_path)) == before
-    removed, gallery = change_gallery(gallery_path, lambda g: g.remove(g.ids()[:2]))
+    removed, gallery = change_gallery(gallery_path, lambda g: g.remove(g.ids()[:2]),
+                                      after_save=lambda g: seen.append(Gallery.current_version(gallery_path)))
     assert removed == 2 and len(Gallery.load(gallery_path)) == before - 2 == len(gallery)
+    assert seen == [Gallery.current_version(gallery_path)] != [old_version]  # ran on the saved version
 
 
 def test_validate_gallery_images_flags_empty_label(tiny_cub):

@@ -37,6 +37,7 @@ from visrec.index.gallery import Gallery, update_lock
 from visrec.inference.gallery_ops import best_boxes, check_views, view_boxes
 from visrec.inference.pipeline import RecognitionSystem
 from visrec.workflows.champion import current_champion, served_recognition
+from visrec.workflows.gallery import change_gallery
 from visrec.serving.errors import BadRequest, Conflict, NotFound, UnprocessableContent
 from visrec.utils.fs import resolve_under
 
@@ -102,18 +103,16 @@ class LiveRecognition:
         with ``prune``, then delete the stored uploads no entry refers to any more.
 
         ``change`` raising leaves the saved gallery as it was."""
+        def published(gallery: Gallery) -> None:  # still under the gallery's update lock
+            self.system.set_gallery(gallery)
+            self.version = Gallery.current_version(self.gallery_path)
+            if prune:
+                self._prune_uploads(gallery)
+
         with self.lock:
             self.refresh()  # a promotion since the last request: change the new champion's gallery
-            with update_lock(self.gallery_path):
-                gallery = Gallery.load(self.gallery_path, expected_fingerprint=self.system.extractor.fingerprint,
-                                       num_threads=self.settings.num_threads)
-                result = change(gallery)
-                gallery.save(self.gallery_path)
-                self.system.set_gallery(gallery)
-                self.version = Gallery.current_version(self.gallery_path)
-                if prune:
-                    self._prune_uploads(gallery)
-                return result, gallery
+            return change_gallery(self.gallery_path, change, expected_fingerprint=self.system.extractor.fingerprint,
+                                  num_threads=self.settings.num_threads, after_save=published)
 
     def run_model(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the model thread (one call at a time, always the same thread)."""

@@ -31,11 +31,13 @@ MAX_LISTED_PROBLEMS = 5
 
 
 def change_gallery(path: str | Path, change: Callable[[Gallery], T], *, expected_fingerprint: str | None = None,
-                   num_threads: int = 2) -> tuple[T, Gallery]:
+                   num_threads: int = 2, after_save: Callable[[Gallery], None] | None = None) -> tuple[T, Gallery]:
     """Apply ``change(gallery)`` to the gallery at ``path`` and publish the result as a new version.
 
-    Load-change-save runs under the gallery's update lock. ``change`` raising leaves the saved
-    gallery as it was. Returns what ``change`` returned and the changed gallery.
+    Load-change-save runs under the gallery's update lock; so does ``after_save(gallery)``, for
+    work that must see exactly this version (e.g. deleting files no entry refers to any more).
+    ``change`` raising leaves the saved gallery as it was. Returns what ``change`` returned and
+    the changed gallery.
     """
     path = Path(path)
     if not path.is_dir():
@@ -45,6 +47,8 @@ def change_gallery(path: str | Path, change: Callable[[Gallery], T], *, expected
         gallery = Gallery.load(path, expected_fingerprint=expected_fingerprint, num_threads=num_threads)
         result = change(gallery)
         gallery.save(path)
+        if after_save is not None:
+            after_save(gallery)
     return result, gallery
 
 
