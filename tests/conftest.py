@@ -115,3 +115,44 @@ def pipeline_repo(tmp_path, exported_models, tiny_cub):
     items = [GalleryItem(p, f"class {c}") for c in (1, 2, 3) for p in images[c][:2]]
     build_gallery(Extractor(export / "extractor"), items, "FLAT", progress=False).save(tmp_path / "data" / "gallery")
     return tmp_path, images
+
+
+@pytest.fixture(scope="session")
+def milvus_uri(tmp_path_factory):
+    """A Milvus Lite server on 127.0.0.1 over a fresh data dir, shared by the session's tests
+    (one start-up, ~2 s) and stopped at the end. Tests keep apart by their own aliases."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    data_dir = tmp_path_factory.mktemp("milvus") / "milvus.db"
+    log = open(data_dir.parent / "server.log", "w")  # noqa: SIM115 - closed below
+    server = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data_dir),
+                               "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"Milvus Lite exited with {server.returncode}: {(data_dir.parent / 'server.log').read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("Milvus Lite did not listen within 60 s") from None
+                time.sleep(0.1)
+        yield uri
+    finally:
+        server.send_signal(signal.SIGINT)  # run_server closes the data dir on KeyboardInterrupt
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()

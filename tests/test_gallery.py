@@ -1,4 +1,5 @@
-"""Gallery (Faiss index + labels) and gallery list files: correctness, persistence, atomicity."""
+"""The gallery contract on both backends (Faiss files, Milvus Lite on 127.0.0.1: the ``backend``
+fixture), Faiss's own storage (versions, crash safety), and gallery list files."""
 
 from __future__ import annotations
 
@@ -17,12 +18,61 @@ import pytest
 
 from visrec.index import (Gallery, GalleryMismatchError, GalleryNotFoundError, UnknownIdError,
                           read_list_file, write_list_file)
+from visrec.index.factory import gallery_version, open_gallery
 from visrec.index.faiss_index import auto_nlist
 from visrec.index.listfile import parse_list_lines
 
 TYPES = ["HNSW32", "IVF", "FLAT"]
+BACKENDS = ["faiss", "milvus"]
+EVERY = [(b, t) for b in BACKENDS for t in TYPES]
 DIM, CLASSES, PER_CLASS = 64, 40, 5
 REPO = Path(__file__).resolve().parents[1]
+
+
+class Backend:
+    """Builds galleries on one backend; opening and versions go through the neutral factory."""
+
+    def __init__(self, name: str, milvus_uri: str | None = None) -> None:
+        self.name = name
+        self.settings = None
+        if milvus_uri is not None:
+            from visrec.index.milvus_store import MilvusSettings
+
+            self.settings = MilvusSettings(uri=milvus_uri, alias_prefix="test")
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def gallery_class(self):
+        if self.name == "faiss":
+            return Gallery
+        from visrec.index.milvus_gallery import MilvusGallery
+
+        return MilvusGallery
+
+    def from_vectors(self, x, labels, metadata=None, **kwargs):
+        extra = {"settings": self.settings} if self.settings else {}
+        return self.gallery_class().build(x, labels, metadata, **extra, **kwargs)
+
+    def create(self, dim, index_type, **kwargs):
+        extra = {"settings": self.settings} if self.settings else {}
+        return self.gallery_class().create(dim, index_type, **extra, **kwargs)
+
+    @staticmethod
+    def load(path, **kwargs):
+        return open_gallery(path, **kwargs)
+
+    @staticmethod
+    def version(path):
+        return gallery_version(path)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> Backend:
+    """A gallery backend; ``milvus`` talks to the session's Milvus Lite server (conftest)."""
+    if request.param == "milvus":
+        return Backend("milvus", request.getfixturevalue("milvus_uri"))
+    return Backend("faiss")
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -37,10 +87,10 @@ def data() -> tuple[np.ndarray, list[str]]:
     return unit(x), [f"class {i // PER_CLASS}" for i in range(CLASSES * PER_CLASS)]
 
 
-def build(index_type: str, data, **params) -> Gallery:
+def build(index_type: str, data, backend: Backend | None = None, **params) -> Gallery:
     x, labels = data
-    return Gallery.build(x, labels, [{"path": f"img/{i}.jpg"} for i in range(len(x))],
-                         index_type=index_type, fingerprint="extractor-A", **params)
+    return (backend or Backend("faiss")).from_vectors(x, labels, [{"path": f"img/{i}.jpg"} for i in range(len(x))],
+                                                      index_type=index_type, fingerprint="extractor-A", **params)
 
 
 def all_result_ids(gallery: Gallery, queries: np.ndarray, k: int = 10) -> set[int]:
@@ -48,9 +98,9 @@ def all_result_ids(gallery: Gallery, queries: np.ndarray, k: int = 10) -> set[in
 
 
 # ----------------------------------------------------------------------------- search / mutation
-@pytest.mark.parametrize("index_type", TYPES)
-def test_each_vector_finds_itself(index_type, data):
-    gallery = build(index_type, data)
+@pytest.mark.parametrize(("backend", "index_type"), EVERY, indirect=["backend"])
+def test_each_vector_finds_itself(backend, index_type, data):
+    gallery = build(index_type, data, backend)
     x, labels = data
     assert len(gallery) == len(x) and gallery.next_id == len(x)
     hits = gallery.search(x, 3)
@@ -60,9 +110,9 @@ def test_each_vector_finds_itself(index_type, data):
     assert all(abs(row[0].score - 1.0) < 1e-4 for row in hits)  # cosine of a vector with itself
 
 
-@pytest.mark.parametrize("index_type", TYPES)
-def test_add_then_found_top1(index_type, data):
-    gallery = build(index_type, data)
+@pytest.mark.parametrize(("backend", "index_type"), EVERY, indirect=["backend"])
+def test_add_then_found_top1(backend, index_type, data):
+    gallery = build(index_type, data, backend)
     new = unit(np.random.default_rng(1).standard_normal((3, DIM)))
     ids = gallery.add(new * 7.0, "元气森林 can", [{"path": "new.jpg"}] * 3)  # unnormalised on purpose
     assert ids == [200, 201, 202]
@@ -70,9 +120,9 @@ def test_add_then_found_top1(index_type, data):
         assert (row[0].id, row[0].label) == (i, "元气森林 can")
 
 
-@pytest.mark.parametrize("index_type", TYPES)
-def test_remove_by_id_and_label(index_type, data):
-    gallery = build(index_type, data)
+@pytest.mark.parametrize(("backend", "index_type"), EVERY, indirect=["backend"])
+def test_remove_by_id_and_label(backend, index_type, data):
+    gallery = build(index_type, data, backend)
     x, _ = data
     assert gallery.remove([3, 4, 150]) == 3
     assert gallery.remove_label("class 10") == PER_CLASS
@@ -85,20 +135,20 @@ def test_remove_by_id_and_label(index_type, data):
     assert "class 10" not in gallery.labels()
 
 
-@pytest.mark.parametrize("index_type", TYPES)
-def test_ids_never_reused(index_type, data, tmp_path):
-    gallery = build(index_type, data)
+@pytest.mark.parametrize(("backend", "index_type"), EVERY, indirect=["backend"])
+def test_ids_never_reused(backend, index_type, data, tmp_path):
+    gallery = build(index_type, data, backend)
     gallery.remove([198, 199])
     assert gallery.add(data[0][:2], ["a", "b"]) == [200, 201]
     gallery.save(tmp_path / "g")
-    loaded = Gallery.load(tmp_path / "g")
+    loaded = backend.load(tmp_path / "g")
     loaded.remove([200, 201])
     assert loaded.add(data[0][:1], "c") == [202]
     assert loaded.info()["next_id"] == 203
 
 
-def test_remove_unknown_id_changes_nothing(data):
-    gallery = build("FLAT", data)
+def test_remove_unknown_id_changes_nothing(backend, data):
+    gallery = build("FLAT", data, backend)
     with pytest.raises(UnknownIdError, match=r"no id\(s\) \[999\].*nothing was removed"):
         gallery.remove([1, 999])
     assert 1 in gallery and len(gallery) == 200
@@ -117,6 +167,25 @@ def test_hnsw_compaction_preserves_ids(data):
     assert [row[0].id for row in gallery.search(x[50:], 1)] == list(range(50, 200))
     assert gallery.add(x[:1], "again") == [200]
     assert gallery.search(x[:1], 1)[0][0].id == 200
+
+
+def test_few_survivors_return_short_lists(backend, data):
+    x, _ = data
+    gallery = build("FLAT", data, backend)
+    gallery.remove(range(3, 200))
+    rows = gallery.search(x[:5], 10)
+    assert all(sorted(h.id for h in row) == [0, 1, 2] for row in rows)
+    scores, ids = gallery.search_arrays(x[:1], 10)
+    assert (ids[0, 3:] == -1).all() and np.isneginf(scores[0, 3:]).all()
+
+
+def test_remove_label_with_any_characters(backend):
+    odd = ['quote " and \\ slash', "元气森林 can", "tab\there", "it's", "Ünïcödé · 🐦"]
+    gallery = backend.from_vectors(unit(np.random.default_rng(5).standard_normal((2 * len(odd), 16))), odd * 2,
+                                   index_type="FLAT")
+    for n, label in enumerate(odd, start=1):
+        assert gallery.remove_label(label) == 2
+        assert len(gallery) == 2 * (len(odd) - n) and label not in gallery.labels()
 
 
 def test_hnsw_few_survivors_returns_short_lists(data):
@@ -156,10 +225,11 @@ BAD_ADDS = {
 }
 
 
-@pytest.mark.parametrize("index_type", TYPES)
+@pytest.mark.parametrize(("backend", "index_type"), [*(("faiss", t) for t in TYPES), ("milvus", "FLAT")],
+                         indirect=["backend"])
 @pytest.mark.parametrize("case", BAD_ADDS)
-def test_bad_add_raises_and_changes_nothing(index_type, case, data):
-    gallery = build(index_type, data)
+def test_bad_add_raises_and_changes_nothing(backend, index_type, case, data):
+    gallery = build(index_type, data, backend)
     x, _ = data
     before = gallery.search_arrays(x, 5), gallery.info()
     with pytest.raises(ValueError):
@@ -169,8 +239,8 @@ def test_bad_add_raises_and_changes_nothing(index_type, case, data):
     np.testing.assert_array_equal(before[0][1], after[0][1])
 
 
-def test_bad_queries_raise_clearly(data):
-    gallery = build("FLAT", data)
+def test_bad_queries_raise_clearly(backend, data):
+    gallery = build("FLAT", data, backend)
     with pytest.raises(ValueError, match="dim 10 but the gallery has dim 64.*rebuild"):
         gallery.search(np.ones((1, 10)), 1)
     with pytest.raises(ValueError, match="NaN"):
@@ -182,18 +252,19 @@ def test_bad_queries_raise_clearly(data):
 
 
 # ----------------------------------------------------------------------------- persistence
-@pytest.mark.parametrize("index_type", TYPES)
-def test_save_load_roundtrip(index_type, data, tmp_path):
-    gallery = build(index_type, data, compact_fraction=0.5) if index_type == "HNSW32" else build(index_type, data)
+@pytest.mark.parametrize(("backend", "index_type"), EVERY, indirect=["backend"])
+def test_save_load_roundtrip(backend, index_type, data, tmp_path):
+    params = {"compact_fraction": 0.5} if index_type == "HNSW32" else {}
+    gallery = build(index_type, data, backend, **params)
     odd = ["Black footed Albatross", "元气森林", "Crème brûlée (Ø 8cm)", 'quote " and \\ slash']
     gallery.add(unit(np.random.default_rng(2).standard_normal((4, DIM))), odd,
                 [{"path": f"imgs/{name}.jpg", "source": "shelf 3"} for name in odd])
     gallery.remove([5, 6])  # HNSW: tombstones survive the round trip
     gallery.meta_extra["threshold"] = 0.42
     version = gallery.save(tmp_path / "g")
-    assert Gallery.current_version(tmp_path / "g") == version
+    assert backend.version(tmp_path / "g") == version
 
-    loaded = Gallery.load(tmp_path / "g", expected_fingerprint="extractor-A")
+    loaded = backend.load(tmp_path / "g", expected_fingerprint="extractor-A")
     queries = np.vstack([data[0], unit(np.random.default_rng(3).standard_normal((20, DIM)))])
     for a, b in zip(gallery.search_arrays(queries, 5), loaded.search_arrays(queries, 5), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -202,8 +273,11 @@ def test_save_load_roundtrip(index_type, data, tmp_path):
     info = loaded.info()
     assert info["extra"] == {"threshold": 0.42} and info["fingerprint"] == "extractor-A"
     assert info["count"] == 202 and info["next_id"] == 204 and info["version"] == gallery.version
-    assert info["tombstones"] == (2 if index_type == "HNSW32" else 0)
-
+    assert info["tombstones"] == (2 if index_type == "HNSW32" and backend.name == "faiss" else 0)
+    if backend.name == "milvus":
+        pointer = (tmp_path / "g" / "milvus.json").read_text(encoding="utf-8")
+        assert "token" not in pointer and json.loads(pointer)["alias"] == loaded.alias
+        return
     files = tmp_path / "g" / version
     assert "元气森林" in (files / "labels.jsonl").read_text(encoding="utf-8")  # ensure_ascii=False
     meta = json.loads((files / "meta.json").read_text(encoding="utf-8"))
@@ -220,12 +294,12 @@ def test_versions_change_and_are_pruned(data, tmp_path):
     assert len({json.loads((tmp_path / "g" / n / "meta.json").read_text())["version"] for n in names[-2:]}) == 2
 
 
-def test_fingerprint_mismatch_is_refused(data, tmp_path):
-    build("FLAT", data).save(tmp_path / "g")
+def test_fingerprint_mismatch_is_refused(backend, data, tmp_path):
+    build("FLAT", data, backend).save(tmp_path / "g")
     with pytest.raises(GalleryMismatchError, match="extractor-A.*extractor-B.*rebuild.*visrec gallery build"):
-        Gallery.load(tmp_path / "g", expected_fingerprint="extractor-B")
+        backend.load(tmp_path / "g", expected_fingerprint="extractor-B")
     with pytest.raises(ValueError, match="dim 64.*dim 128"):
-        Gallery.load(tmp_path / "g", expected_dim=128)
+        backend.load(tmp_path / "g", expected_dim=128)
 
 
 def test_missing_or_foreign_paths(tmp_path):
@@ -372,16 +446,16 @@ def test_list_file_bad_line_names_file_and_line(tmp_path, line, problem):
         read_list_file(tmp_path / "missing.txt")
 
 
-def test_unicode_labels_roundtrip_list_file_and_gallery(tmp_path):
+def test_unicode_labels_roundtrip_list_file_and_gallery(backend, tmp_path):
     pairs = [("a/1.jpg", "Black footed Albatross"), ("b/2.jpg", "元气森林"), ("c/3.jpg", "Ünïcödé · 🐦")]
     write_list_file(tmp_path / "list.txt", pairs)
     entries = read_list_file(tmp_path / "list.txt", root="/images")
     assert [e.label for e in entries] == [label for _, label in pairs]
     vectors = unit(np.random.default_rng(4).standard_normal((3, 16)))
-    gallery = Gallery.build(vectors, [e.label for e in entries], [{"path": str(e.path)} for e in entries],
-                            index_type="FLAT")
+    gallery = backend.from_vectors(vectors, [e.label for e in entries], [{"path": str(e.path)} for e in entries],
+                                   index_type="FLAT")
     gallery.save(tmp_path / "g")
-    hits = Gallery.load(tmp_path / "g").search(vectors, 1)
+    hits = backend.load(tmp_path / "g").search(vectors, 1)
     assert [(h[0].label, h[0].path) for h in hits] == [(label, f"/images/{p}") for p, label in pairs]
     with pytest.raises(ValueError, match="delimiter"):
         write_list_file(tmp_path / "bad.txt", [("a\tb.jpg", "x")])

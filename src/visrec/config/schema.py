@@ -111,9 +111,26 @@ class EvaluateConfig:
 
 
 @dataclass
-class IndexConfig:
-    """The Faiss gallery: index type and its knobs, and how the build_index stage fills it."""
+class MilvusConfig:
+    """The Milvus gallery backend (``index.backend: milvus``). The access token is read from the
+    environment (``VISREC_MILVUS_TOKEN``), never from params."""
 
+    # A Milvus Lite data directory (one process at a time; relative to the working directory)
+    # or a server URI such as http://milvus:19530 (any number of processes and hosts).
+    uri: str = "data/milvus.db"
+    alias_prefix: str = "visrec"  # served names (aliases) and their collections start with this
+    # What a search waits for: Strong | Bounded | Session | Eventually (docs/deploy.md).
+    consistency_level: Literal["Strong", "Bounded", "Session", "Eventually"] = "Session"
+    keep_versions: int = 2  # collections kept per served name after a switch (the live one included)
+    insert_batch: int = 2000  # rows per insert call
+
+
+@dataclass
+class IndexConfig:
+    """The gallery: backend, index type and its knobs, and how the build_index stage fills it."""
+
+    backend: Literal["faiss", "milvus"] = "faiss"  # where the vectors live (faiss: files under the gallery dir)
+    milvus: MilvusConfig = field(default_factory=MilvusConfig)
     index_type: Literal["HNSW32", "IVF", "FLAT"] = "HNSW32"
     hnsw_m: int = 32
     ef_construction: int = 64

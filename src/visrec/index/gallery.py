@@ -11,11 +11,9 @@ A Gallery object is not thread-safe; a server should load a new one and swap ref
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -24,45 +22,18 @@ import numpy as np
 
 from visrec.index import gallery_store as store
 from visrec.index.faiss_index import IndexBackend, backend_class, set_num_threads
+from visrec.index.gallery_api import (GalleryBase, GalleryMismatchError, Hit, UnknownIdError, check_top_k,
+                                     requested_ids, unknown_ids_error)
 from visrec.index.gallery_store import GalleryNotFoundError, now, update_lock
 
 __all__ = ["Gallery", "GalleryMismatchError", "GalleryNotFoundError", "Hit", "UnknownIdError", "update_lock"]
 
 logger = logging.getLogger(__name__)
 
-_RESERVED_KEYS = frozenset({"id", "label"})
-
-
-class GalleryMismatchError(ValueError):
-    """The gallery was built by a different feature extractor than the one in use."""
-
-
-class UnknownIdError(KeyError):
-    """``remove`` was asked for ids the gallery does not hold (nothing was removed)."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0]) if self.args else ""
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One search result. ``score`` is the cosine similarity in [-1, 1]."""
-
-    id: int
-    label: str
-    score: float
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def path(self) -> str | None:
-        """The source image of the gallery entry, if it was recorded at add time."""
-        return self.metadata.get("path")
-
-
 SMALL_QUERY_BATCH = 16
 
 
-class Gallery:
+class Gallery(GalleryBase):
     """A Faiss index of normalised vectors with labels, metadata and an extractor fingerprint.
 
     Create with :meth:`create` (empty) or :meth:`build` (create + first add; IVF trains on
@@ -140,6 +111,11 @@ class Gallery:
     def ids(self) -> list[int]:
         return sorted(self._entries)
 
+    def entries(self) -> Iterator[tuple[int, str, dict[str, Any]]]:
+        for i in sorted(self._entries):
+            label, meta = self._entries[i]
+            yield i, label, dict(meta)
+
     def labels(self) -> set[str]:
         return {label for label, _ in self._entries.values()}
 
@@ -161,70 +137,6 @@ class Gallery:
 
     def __repr__(self) -> str:
         return f"Gallery({self.index_type}, dim={self.dim}, count={len(self)}, next_id={self.next_id})"
-
-    # ----------------------------------------------------------------- validation
-    def _vectors(self, vectors: Any, what: str) -> np.ndarray:
-        """Validate and L2-normalise; raise ValueError naming the problem (nothing mutated)."""
-        try:
-            x = np.asarray(vectors)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{what} must be a numeric array of shape (n, {self.dim}): {exc}") from None
-        if x.dtype.kind not in "fiu":
-            raise ValueError(f"{what} must be a numeric array of shape (n, {self.dim}), got dtype {x.dtype}")
-        if x.ndim == 1:
-            x = x[None, :]
-        if x.ndim != 2:
-            raise ValueError(f"{what} must have shape (n, {self.dim}), got {x.shape}")
-        if x.shape[0] == 0:
-            raise ValueError(f"{what} is empty: pass at least one vector of dim {self.dim}")
-        if x.shape[1] != self.dim:
-            raise ValueError(f"{what} have dim {x.shape[1]} but the gallery has dim {self.dim} "
-                             f"(extractor {self.fingerprint or 'unknown'}); embed with the same extractor "
-                             "or rebuild the gallery (`visrec gallery build LIST`)")
-        x = np.array(x, dtype=np.float32, order="C", copy=True)  # never normalise the caller's array
-        bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
-        if bad.size:
-            raise ValueError(f"{what} rows {bad[:10].tolist()} contain NaN or inf; check the extractor output")
-        norms = np.linalg.norm(x, axis=1)
-        bad = np.flatnonzero(~np.isfinite(norms) | (norms < 1e-12))
-        if bad.size:
-            raise ValueError(f"{what} rows {bad[:10].tolist()} are all-zero (or overflow float32); "
-                             "they have no direction to compare")
-        x /= norms[:, None]
-        return x
-
-    @staticmethod
-    def _labels(labels: Sequence[str] | str, n: int) -> list[str]:
-        if isinstance(labels, str):  # one label for the whole batch (e.g. many views of one product)
-            labels = [labels] * n
-        labels = list(labels)
-        if len(labels) != n:
-            raise ValueError(f"got {n} vectors but {len(labels)} labels; pass one label per vector")
-        for i, label in enumerate(labels):
-            if not isinstance(label, str) or not label.strip():
-                raise ValueError(f"label {i} is {label!r}; labels must be non-empty strings")
-        return labels
-
-    @staticmethod
-    def _metadata(metadata: Sequence[Mapping[str, Any] | None] | None, n: int) -> list[dict[str, Any]]:
-        if metadata is None:
-            return [{} for _ in range(n)]
-        metadata = list(metadata)
-        if len(metadata) != n:
-            raise ValueError(f"got {n} vectors but {len(metadata)} metadata entries; pass one per vector")
-        out = []
-        for i, meta in enumerate(metadata):
-            meta = dict(meta or {})
-            if clash := _RESERVED_KEYS & set(meta):
-                raise ValueError(f"metadata {i} uses reserved key(s) {sorted(clash)}")
-            if not all(isinstance(k, str) for k in meta):
-                raise ValueError(f"metadata {i} has non-string keys; it must be a JSON object")
-            try:
-                json.dumps(meta, ensure_ascii=False)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"metadata {i} is not JSON-serialisable: {exc}") from None
-            out.append(meta)
-        return out
 
     # ----------------------------------------------------------------- mutation
     def add(self, vectors: Any, labels: Sequence[str] | str,
@@ -252,14 +164,10 @@ class Gallery:
         Unknown ids raise :class:`UnknownIdError` and nothing is removed, unless
         ``missing_ok=True``, in which case they are skipped.
         """
-        requested = np.atleast_1d(np.asarray(ids))
-        if requested.size and requested.dtype.kind not in "iu":
-            raise ValueError(f"ids must be integers, got dtype {requested.dtype}")
-        wanted = {int(i) for i in requested.ravel()}
+        wanted = requested_ids(ids)
         unknown = sorted(wanted - self._entries.keys())
         if unknown and not missing_ok:
-            raise UnknownIdError(f"gallery has no id(s) {unknown[:10]}{' ...' if len(unknown) > 10 else ''}; "
-                                 "nothing was removed (pass missing_ok=True to skip unknown ids)")
+            raise unknown_ids_error(unknown)
         present = np.array(sorted(wanted - set(unknown)), dtype=np.int64)
         if present.size:
             set_num_threads(self.num_threads)
@@ -287,8 +195,7 @@ class Gallery:
     # ----------------------------------------------------------------- search
     def search_arrays(self, queries: Any, top_k: int = 5) -> tuple[np.ndarray, np.ndarray]:
         """Raw results: ``(scores, ids)`` of shape ``(nq, top_k)``; padding is id -1, score -inf."""
-        if not isinstance(top_k, int | np.integer) or top_k < 1:
-            raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+        top_k = check_top_k(top_k)
         q = self._vectors(queries, "queries")
         scores = np.full((len(q), top_k), -np.inf, dtype=np.float32)
         ids = np.full((len(q), top_k), -1, dtype=np.int64)
@@ -345,14 +252,7 @@ class Gallery:
                       next_id=int(meta["next_id"]), meta_extra=meta.get("extra"), created=meta.get("created"),
                       updated=meta.get("updated"), version=meta.get("version"),
                       path=root if version_dir != root else None)
-        if expected_fingerprint is not None and gallery.fingerprint != expected_fingerprint:
-            raise GalleryMismatchError(
-                f"gallery {root} was built by extractor {gallery.fingerprint or '<unknown>'} but the current "
-                f"extractor is {expected_fingerprint}; features are not comparable, rebuild the gallery "
-                "with the current extractor (`visrec gallery build LIST`)")
-        if expected_dim is not None and gallery.dim != expected_dim:
-            raise GalleryMismatchError(f"gallery {root} has dim {gallery.dim} but the extractor produces "
-                                       f"dim {expected_dim}; rebuild the gallery (`visrec gallery build LIST`)")
+        gallery.check_expected(root, expected_fingerprint, expected_dim)
         logger.info("loaded gallery %s (%s)", root, gallery)
         return gallery
 
