@@ -1,4 +1,6 @@
-"""visrec.workflows.champion and visrec.serving.live: publishing the champion, serving it, following it."""
+"""visrec.workflows.champion and visrec.serving.live: publishing the champion, serving it, following it,
+with the pipeline's gallery on either backend (Faiss files; Milvus Lite on 127.0.0.1, moved there by
+``copy_to_milvus`` as `visrec gallery migrate` does)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import pytest
 
 from visrec.config import config_from_dict
 from visrec.imaging import load_image
-from visrec.index.gallery import Gallery
+from visrec.index.factory import copy_to_milvus, is_milvus
+from visrec.index.factory import open_gallery as load_gallery
 from visrec.inference.extractor_runtime import Extractor
 from visrec.serving.errors import NotFound
 from visrec.inference.gallery_ops import GalleryItem
@@ -23,10 +26,14 @@ from visrec.workflows.champion import (
 from visrec.serving.live import LiveRecognition
 
 
-@pytest.fixture()
-def pipeline_outputs(pipeline_repo):
+@pytest.fixture(params=["faiss", "milvus"])
+def pipeline_outputs(request, pipeline_repo):
     """The pipeline's outputs (see conftest) and a config naming them relative to the repo."""
     repo, images = pipeline_repo
+    if request.param == "milvus":
+        from visrec.index.milvus_store import MilvusSettings
+
+        copy_to_milvus(repo / "data" / "gallery", MilvusSettings(uri=request.getfixturevalue("milvus_uri")))
     cfg = config_from_dict({"recognition": {"extractor": "data/export/extractor", "detector": "data/export/detector",
                                             "gallery": "data/gallery", "score_threshold": 0.0}})
     return repo, cfg, images
@@ -45,6 +52,7 @@ def test_served_recognition_is_the_latest_export_until_a_champion_is_published(p
     rec, name = served_recognition(cfg, repo)
     assert name == published and rec.extractor == str(repo / "data" / "champion" / "current" / "export" / "extractor")
     assert rec.gallery == str(repo / "data" / "champion" / "current" / "gallery")
+    assert is_milvus(rec.gallery) == is_milvus(repo / "data" / "gallery")  # a champion keeps its backend
     off = config_from_dict({**json.loads(json.dumps(cfg.to_dict())), "serve": {"champion": False}})
     assert served_recognition(off, repo)[1] is None  # serve.champion: false pins the latest export
 
@@ -55,7 +63,7 @@ def test_live_changes_survive_a_promotion(pipeline_outputs, tmp_path):
     repo, cfg, images = pipeline_outputs
     publish(repo)
     live_gallery = repo / "data" / "champion" / "current" / "gallery"
-    gallery = Gallery.load(live_gallery)
+    gallery = load_gallery(live_gallery)
     extractor = Extractor(repo / "data" / "champion" / "current" / "export" / "extractor")
     gone = tmp_path / "gone.jpg"
     shutil.copy(images[5][1], gone)
@@ -71,7 +79,7 @@ def test_live_changes_survive_a_promotion(pipeline_outputs, tmp_path):
     assert record["name"] == second and record["additions_reembedded"] == 1
     assert record["removed_again"] == 2 and record["additions_lost_count"] == 1
     assert "gone.jpg (vanished bird)" in record["additions_lost"][0]
-    new = Gallery.load(repo / "data" / "champion" / "current" / "gallery")
+    new = load_gallery(repo / "data" / "champion" / "current" / "gallery")
     assert new.labels() == {"class 1", "class 3", "new bird"}
     # (the tiny random extractor maps all images close together: look the entry up by label)
     hits = new.search(extractor.embed([load_image(kept[0].path)]), top_k=len(new))[0]
@@ -103,7 +111,7 @@ def test_live_recognition_follows_promotions_and_gallery_changes(pipeline_output
     stored = Path(gallery.metadata_of(ids[0])["path"])
     assert stored.parent == repo / "data" / "gallery_uploads" and stored.read_bytes() == data
     assert len(gallery) == 7
-    assert len(Gallery.load(repo / "data" / "champion" / "current" / "gallery")) == 7  # published
+    assert len(load_gallery(repo / "data" / "champion" / "current" / "gallery")) == 7  # published
 
     removed, gallery = live.remove(label="uploaded")
     assert removed == 1 and len(live.refresh()[1]) == 6
@@ -141,3 +149,22 @@ def test_cli_promote_show_and_recognize_follow_the_champion(pipeline_outputs):
     assert shown.exit_code == 0 and json.loads(shown.output)["name"] == name
     info = runner.invoke(app, ["gallery", "info", "--params", str(params)])
     assert info.exit_code == 0 and str(repo / "data" / "champion" / "current" / "gallery") in info.output
+
+
+def test_a_gallery_switched_ahead_of_its_models_keeps_the_old_pair_served(pipeline_outputs):
+    """On Milvus a promotion moves the gallery's alias just before the champion link: a worker
+    that sees the new gallery first keeps serving the old models with the old gallery."""
+    repo, cfg, images = pipeline_outputs
+    publish(repo)
+    live = LiveRecognition(cfg, base=repo)
+    system, served = live.refresh()
+    query = live.describe(load_image(images[1][0]))
+    expected = system.recognize(*query, gallery=served)
+    ahead = load_gallery(repo / "data" / "champion" / "current" / "gallery").working_copy()
+    ahead.fingerprint = "the next champion's extractor"
+    ahead.save(repo / "data" / "champion" / "current" / "gallery")  # the gallery moved, the link not yet
+
+    system, gallery = live.refresh()
+    assert gallery is served and system.recognize(*query, gallery=gallery) == expected
+    publish(repo, recall_at_1=0.7)  # the link moves: models and gallery reload together
+    assert live.refresh()[1].fingerprint == system.extractor.fingerprint != "the next champion's extractor"

@@ -14,6 +14,7 @@ import yaml
 
 from visrec.data.cub import read_cub
 from visrec.imaging import load_image
+from visrec.index.factory import gallery_version, is_milvus, open_gallery
 from visrec.index.gallery import Gallery
 from visrec.inference.extractor_runtime import Extractor
 from visrec.inference.gallery_ops import GalleryItem, build_gallery
@@ -154,9 +155,10 @@ def test_missing_candidate_metrics_is_a_clear_error(tmp_path):
 # ----------------------------------------------------------------------------- gallery update
 
 
-@pytest.fixture()
-def gallery_env(exported_models, tiny_cub, tmp_path):
-    """A FLAT gallery of classes 1-4 and a params.yaml pointing at it and the tiny extractor."""
+@pytest.fixture(params=["faiss", "milvus"])
+def gallery_env(request, exported_models, tiny_cub, tmp_path):
+    """A FLAT gallery of classes 1-4 and a params.yaml pointing at it and the tiny extractor; on
+    ``milvus``, moved to the session's Milvus Lite server by `visrec gallery migrate --to milvus`."""
     root, _ = tiny_cub
     meta = read_cub(root)
     extractor_dir = exported_models[0]
@@ -179,17 +181,39 @@ def gallery_env(exported_models, tiny_cub, tmp_path):
         rows.append(f"imgs/{dest.name}\tBrand new bird\n")
     label_file = new_dir / "labels.txt"
     label_file.write_text("".join(rows), encoding="utf-8")
+    if request.param == "milvus":
+        from typer.testing import CliRunner
+
+        from visrec.cli import app
+
+        config = yaml.safe_load(params.read_text(encoding="utf-8"))
+        config["index"]["milvus"] = {"uri": request.getfixturevalue("milvus_uri")}
+        params.write_text(yaml.safe_dump(config), encoding="utf-8")
+        faiss_hits = Gallery.load(gallery_path).search(Extractor(extractor_dir).embed(
+            [load_image(items[0].path)]), top_k=len(items))[0]
+        migrated = CliRunner().invoke(app, ["gallery", "migrate", "--to", "milvus", "--params", str(params)])
+        assert migrated.exit_code == 0, migrated.output
+        result = json.loads(migrated.output)
+        assert result["entries"] == len(items) and result["next_id"] == len(items)
+        gallery = open_gallery(gallery_path)
+        assert is_milvus(gallery_path) and gallery.fingerprint == Extractor(extractor_dir).fingerprint
+        milvus_hits = gallery.search(Extractor(extractor_dir).embed([load_image(items[0].path)]), top_k=len(items))[0]
+        assert [(h.id, h.label, dict(h.metadata)) for h in milvus_hits] == \
+            [(h.id, h.label, dict(h.metadata)) for h in faiss_hits]
+        assert [h.score for h in milvus_hits] == pytest.approx([h.score for h in faiss_hits], abs=1e-5)
+        again = CliRunner().invoke(app, ["gallery", "migrate", "--to", "milvus", "--params", str(params)])
+        assert again.exit_code == 1 and "already serves a Milvus gallery" in again.output
     return params, gallery_path, new_dir, label_file, len(items)
 
 
 def test_update_gallery_adds_a_new_class(gallery_env):
     params, gallery_path, new_dir, label_file, before = gallery_env
-    old_version = Gallery.current_version(gallery_path)
+    old_version = gallery_version(gallery_path)
     result = update_served_gallery(params, new_dir, label_file)
     assert result["added"] == 3 and result["count"] == before + 3 and result["labels"] == ["Brand new bird"]
-    assert Gallery.current_version(gallery_path) != old_version
+    assert gallery_version(gallery_path) != old_version
     extractor = Extractor(yaml.safe_load(params.read_text())["recognition"]["extractor"])
-    gallery = Gallery.load(gallery_path, expected_fingerprint=extractor.fingerprint)
+    gallery = open_gallery(gallery_path, expected_fingerprint=extractor.fingerprint)
     assert len(gallery) == before + 3 and "Brand new bird" in gallery.labels()
     assert gallery.version == result["version"]
     first = new_dir / label_file.read_text().split("\t")[0]
@@ -210,18 +234,18 @@ def test_bad_image_refuses_the_whole_update(gallery_env):
     cv2.imwrite(str(new_dir / "imgs" / "tiny.png"), np.zeros((8, 8, 3), np.uint8))
     with label_file.open("a", encoding="utf-8") as f:
         f.write("imgs/broken.jpg\tBrand new bird\nimgs/tiny.png\tBrand new bird\nimgs/missing.jpg\tX\n")
-    old_version = Gallery.current_version(gallery_path)
+    old_version = gallery_version(gallery_path)
     with pytest.raises(ValueError, match=r"(?s)3 problem.*broken.jpg.*decode.*tiny.png.*8x8.*missing.jpg.*not found"):
         update_served_gallery(params, new_dir, label_file)
-    assert Gallery.current_version(gallery_path) == old_version
-    assert len(Gallery.load(gallery_path)) == before
+    assert gallery_version(gallery_path) == old_version
+    assert len(open_gallery(gallery_path)) == before
 
 
 def test_a_failed_change_leaves_the_saved_gallery(gallery_env):
     from visrec.workflows.gallery import change_gallery
 
     _, gallery_path, _, _, before = gallery_env
-    old_version = Gallery.current_version(gallery_path)
+    old_version = gallery_version(gallery_path)
 
     def fail(gallery):
         gallery.remove(gallery.ids()[:2])
@@ -231,11 +255,11 @@ def test_a_failed_change_leaves_the_saved_gallery(gallery_env):
     with pytest.raises(RuntimeError, match="half-way"):
         change_gallery(gallery_path, fail, after_save=seen.append)
     assert seen == []  # nothing was saved, so nothing runs after a save
-    assert Gallery.current_version(gallery_path) == old_version and len(Gallery.load(gallery_path)) == before
+    assert gallery_version(gallery_path) == old_version and len(open_gallery(gallery_path)) == before
     removed, gallery = change_gallery(gallery_path, lambda g: g.remove(g.ids()[:2]),
-                                      after_save=lambda g: seen.append(Gallery.current_version(gallery_path)))
-    assert removed == 2 and len(Gallery.load(gallery_path)) == before - 2 == len(gallery)
-    assert seen == [Gallery.current_version(gallery_path)] != [old_version]  # ran on the saved version
+                                      after_save=lambda g: seen.append(gallery_version(gallery_path)))
+    assert removed == 2 and len(open_gallery(gallery_path)) == before - 2 == len(gallery)
+    assert seen == [gallery_version(gallery_path)] != [old_version]  # ran on the saved version
 
 
 def test_validate_gallery_images_flags_empty_label(tiny_cub):

@@ -7,6 +7,7 @@
     visrec gallery add more.txt
     visrec gallery remove --ids 3 --ids 7 | --label "Blue Jay"
     visrec gallery info
+    visrec gallery migrate --to milvus          # serve the Faiss gallery from Milvus (params index.milvus)
     visrec runs compare --stage evaluate        # the latest tracked stage runs (MLflow) side by side
     visrec champion promote                     # the promotion gate: publish the candidate if no worse
     visrec champion show                        # the served champion's record
@@ -102,9 +103,9 @@ def extract(
 
 
 def _load_gallery(cfg: Config):
-    from visrec.index.gallery import Gallery
+    from visrec.index.factory import open_gallery
 
-    return Gallery.load(cfg.recognition.gallery, num_threads=cfg.recognition.num_threads)
+    return open_gallery(cfg.recognition.gallery, num_threads=cfg.recognition.num_threads)
 
 
 @gallery_app.command("build")
@@ -177,11 +178,27 @@ def gallery_info(
     gallery = _load_gallery(cfg)
     info = gallery.info()
     if labels:
-        counts: dict[str, int] = {}
-        for gallery_id in gallery.ids():
-            counts[gallery.label_of(gallery_id)] = counts.get(gallery.label_of(gallery_id), 0) + 1
-        info["label_counts"] = dict(sorted(counts.items()))
+        info["label_counts"] = dict(sorted(gallery.label_counts().items()))
     print(json.dumps(info, ensure_ascii=False, indent=2))
+
+
+@gallery_app.command("migrate")
+@fail_cleanly
+def gallery_migrate(
+    to: Annotated[str, typer.Option("--to", help="the backend to move the served gallery to: milvus")],
+    gallery: Annotated[Path | None, typer.Option(help="the gallery directory (default: the served one)")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    override: OverrideOpt = None,
+) -> None:
+    """Copy the served Faiss gallery (ids, labels, metadata, vectors, fingerprint) into a Milvus
+    collection at index.milvus.uri and serve it from there; the Faiss files stay as the way back."""
+    if to != "milvus":
+        raise CliError(f"--to {to!r}: only 'milvus' is supported (to go back to Faiss, delete milvus.json "
+                       "in the gallery directory: its Faiss versions were left in place)")
+    from visrec.workflows.gallery import migrate_gallery
+
+    cfg = served_config(params, override)
+    print(json.dumps(migrate_gallery(cfg, gallery or Path(cfg.recognition.gallery)), ensure_ascii=False, indent=2))
 
 
 # ------------------------------------------------------------------------- runs

@@ -28,7 +28,8 @@ from tqdm import tqdm
 from visrec.data.cub import CubImage, CubMeta
 from visrec.imaging import load_image
 from visrec.imaging import load_image
-from visrec.index.gallery import Gallery
+from visrec.index.factory import open_gallery
+from visrec.index.gallery_api import GalleryBase
 from visrec.inference.gallery_ops import GalleryItem
 from visrec.utils.fs import atomic_write_text
 
@@ -124,7 +125,7 @@ def read_queries(path: str | Path) -> list[Query]:
     return [Query(Path(r["path"]), r["label"], int(r["image_id"]), r["part"], bool(r["known"])) for r in rows]
 
 
-def open_set_gallery(gallery: Gallery, held_out: Sequence[str]) -> Gallery:
+def open_set_gallery(gallery: GalleryBase, held_out: Sequence[str]) -> GalleryBase:
     """The gallery without the held-out labels (removes from ``gallery`` itself: pass a copy)."""
     for label in held_out:
         gallery.remove_label(label)
@@ -136,7 +137,7 @@ def describe_queries(system, queries: Sequence[Query], desc: str = "queries") ->
     return [system.describe(load_image(q.path)) for q in tqdm(queries, desc=desc, leave=False)]
 
 
-def top1_predictions(system, described, gallery: Gallery) -> tuple[list[str | None], np.ndarray]:
+def top1_predictions(system, described, gallery: GalleryBase) -> tuple[list[str | None], np.ndarray]:
     labels, scores = [], []
     for boxes, features in described:
         label, score = system.top1(boxes, features, gallery)
@@ -178,7 +179,7 @@ def open_set_metrics(labels: Sequence[str | None], scores: np.ndarray, truth: Se
     return out
 
 
-def calibrate(system, split: SystemSplit, gallery_open: Gallery) -> dict[str, Any]:
+def calibrate(system, split: SystemSplit, gallery_open: GalleryBase) -> dict[str, Any]:
     """Choose the threshold on the calibration queries against the open-set gallery."""
     queries = [q for q in split.queries if q.part == CALIBRATION]
     described = describe_queries(system, queries, desc="calibration queries")
@@ -196,7 +197,7 @@ def calibrate(system, split: SystemSplit, gallery_open: Gallery) -> dict[str, An
     return result
 
 
-def evaluate_system(system, queries: Sequence[Query], gallery_full: Gallery, gallery_open: Gallery,
+def evaluate_system(system, queries: Sequence[Query], gallery_full: GalleryBase, gallery_open: GalleryBase,
                     threshold: float) -> dict[str, float]:
     """The report-half figures (see the module docstring), ready for ``metrics.json``."""
     if not queries:
@@ -228,8 +229,13 @@ def evaluate_recognition(rec_cfg, queries: Sequence[Query], out_dir: Path | None
     system = RecognitionSystem.from_config(rec_cfg)
     gallery_full = system.gallery
     held_out = gallery_full.meta_extra.get("held_out_labels", [])
-    gallery_open = open_set_gallery(Gallery.load(rec_cfg.gallery, num_threads=rec_cfg.num_threads), held_out)
-    metrics = evaluate_system(system, queries, gallery_full, gallery_open, system.threshold)
+    # A working copy: removing the held-out labels must not touch the saved (Milvus: live) gallery.
+    gallery_open = open_set_gallery(open_gallery(rec_cfg.gallery, num_threads=rec_cfg.num_threads).working_copy(),
+                                    held_out)
+    try:
+        metrics = evaluate_system(system, queries, gallery_full, gallery_open, system.threshold)
+    finally:
+        gallery_open.release()
     logger.info("recognition system on %d report queries: %s", len(queries),
                 ", ".join(f"{k} {v}" for k, v in metrics.items()))
     if out_dir is not None:

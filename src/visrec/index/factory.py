@@ -52,14 +52,18 @@ def gallery_version(path: str | Path) -> str | None:
 
 
 def create_gallery(index_cfg, dim: int, *, fingerprint: str | None = None, num_threads: int = 2,
-                   meta_extra: dict[str, Any] | None = None) -> GalleryBase:
-    """An empty gallery on the backend params ``index`` choose, with its index type and knobs."""
+                   meta_extra: dict[str, Any] | None = None, resume_key: str | None = None) -> GalleryBase:
+    """An empty gallery on the backend params ``index`` choose, with its index type and knobs.
+
+    ``resume_key``: Milvus reopens the unpublished build of that key if one was interrupted
+    (:meth:`MilvusGallery.create`); a Faiss build lives in memory and always starts empty."""
     params = index_params(index_cfg)
     if index_cfg.backend == "milvus":
         from visrec.index.milvus_gallery import MilvusGallery
 
         return MilvusGallery.create(dim, index_cfg.index_type, settings=milvus_store.MilvusSettings.from_config(
-            index_cfg.milvus), fingerprint=fingerprint, num_threads=num_threads, meta_extra=meta_extra, **params)
+            index_cfg.milvus), fingerprint=fingerprint, num_threads=num_threads, meta_extra=meta_extra,
+            resume_key=resume_key, **params)
     return Gallery.create(dim, index_cfg.index_type, fingerprint=fingerprint, num_threads=num_threads,
                           meta_extra=meta_extra, **params)
 
@@ -74,3 +78,40 @@ def gallery_from_vectors(index_cfg, vectors: Any, labels: Sequence[str] | str,
     gallery = create_gallery(index_cfg, dim, fingerprint=fingerprint, num_threads=num_threads, meta_extra=meta_extra)
     gallery.add(vectors, labels, metadata)
     return gallery
+
+
+def adopt_served_name(gallery: GalleryBase, path: str | Path, served_path: str | Path) -> None:
+    """Make ``gallery``, when next saved to ``path``, replace the gallery at ``served_path`` under
+    the same served name (a new champion's gallery taking the old one's). A Milvus gallery is
+    served by its alias, moved in one call by that save; a Faiss gallery is named by its
+    directory alone, so there is nothing to do."""
+    from visrec.index.milvus_gallery import MilvusGallery
+
+    if not isinstance(gallery, MilvusGallery):
+        return
+    alias = (milvus_store.read_pointer(served_path)[1] if milvus_store.has_pointer(served_path)
+             else milvus_store.alias_for(served_path, gallery.settings.alias_prefix))
+    milvus_store.write_pointer(path, alias, gallery.settings)
+
+
+def copy_to_milvus(path: str | Path, settings: milvus_store.MilvusSettings, num_threads: int = 2) -> GalleryBase:
+    """Move the gallery at ``path`` from Faiss to Milvus: copy it (ids, labels, metadata, vectors,
+    fingerprint, next id) into a new collection, publish that under the directory's served name,
+    then write the directory's pointer, so whoever opens ``path`` from then on searches Milvus.
+
+    The Faiss versions stay in the directory untouched: deleting ``milvus.json`` serves them
+    again (without the changes made on Milvus since). Writers are held off by the update lock.
+    """
+    from visrec.index.milvus_gallery import MilvusGallery
+
+    path = Path(path)
+    if is_milvus(path):
+        raise ValueError(f"{path} already serves a Milvus gallery ({milvus_store.POINTER_FILE}); nothing to migrate")
+    with update_lock(path):
+        source = open_gallery(path, num_threads=num_threads)
+        target = MilvusGallery.copy_of(source, settings)
+        if len(target) != len(source):
+            target.release()
+            raise RuntimeError(f"copied {len(target)} of {len(source)} entries into Milvus; nothing was switched")
+        target.publish(path, milvus_store.alias_for(path, settings.alias_prefix))
+    return target

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -101,6 +102,11 @@ class IndexBackend(ABC):
     def read(cls, directory: Path, dim: int, params: dict[str, Any]) -> IndexBackend:
         """Inverse of :meth:`write`."""
 
+    @abstractmethod
+    def vector_chunks(self, chunk: int = _RECONSTRUCT_CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every live vector as ``(ids, vectors)`` chunks, in no particular order (for copying a
+        gallery elsewhere, e.g. into Milvus)."""
+
     def stats(self) -> dict[str, Any]:
         """Extra, type-specific numbers for ``Gallery.info()``."""
         return {}
@@ -140,6 +146,13 @@ class FlatBackend(IndexBackend):
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.index.search(queries, k)
+
+    def vector_chunks(self, chunk: int = _RECONSTRUCT_CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        flat = faiss.downcast_index(self.index.index)
+        for start in range(0, len(ids), chunk):
+            stop = min(start + chunk, len(ids))
+            yield ids[start:stop], flat.reconstruct_n(start, stop - start)
 
     def write(self, directory: Path) -> list[Path]:
         path = directory / INDEX_FILE
@@ -197,6 +210,19 @@ class IVFBackend(IndexBackend):
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         nprobe = max(1, min(int(self.params["nprobe"]), int(self.index.nlist)))
         return self.index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
+
+    def vector_chunks(self, chunk: int = _RECONSTRUCT_CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        # One inverted list at a time: IVF cannot reconstruct by id without a direct map, but an
+        # IVFFlat list's codes are the raw float32 vectors.
+        if self.index is None:
+            return
+        lists = self.index.invlists
+        for number in range(lists.nlist):
+            size = lists.list_size(number)
+            if size:
+                ids = faiss.rev_swig_ptr(lists.get_ids(number), size).copy().astype(np.int64)
+                codes = faiss.rev_swig_ptr(lists.get_codes(number), size * lists.code_size).copy()
+                yield ids, codes.view(np.float32).reshape(size, self.dim)
 
     def write(self, directory: Path) -> list[Path]:
         if self.index is None:  # an empty, untrained gallery: meta.json alone describes it
@@ -301,6 +327,15 @@ class HNSWBackend(IndexBackend):
         scores, pos = self.index.search(queries, k, params=params)
         ids = np.where(pos >= 0, self.pos2id[np.clip(pos, 0, None)] if len(self.pos2id) else -1, -1)
         return scores, ids.astype(np.int64)
+
+    def vector_chunks(self, chunk: int = _RECONSTRUCT_CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        dead = np.zeros(self.index.ntotal, dtype=bool)
+        dead[list(self.tombstones)] = True
+        for start in range(0, self.index.ntotal, chunk):
+            stop = min(start + chunk, self.index.ntotal)
+            keep = ~dead[start:stop]
+            if keep.any():
+                yield self.pos2id[start:stop][keep], self.index.reconstruct_n(start, stop - start)[keep]
 
     def write(self, directory: Path) -> list[Path]:
         paths = [directory / INDEX_FILE, directory / HNSW_ID_MAP_FILE, directory / HNSW_TOMBSTONES_FILE]

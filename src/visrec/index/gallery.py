@@ -116,6 +116,10 @@ class Gallery(GalleryBase):
             label, meta = self._entries[i]
             yield i, label, dict(meta)
 
+    def vector_chunks(self, chunk: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every stored (normalised) vector as ``(ids, vectors)`` chunks, in no particular order."""
+        yield from self._backend.vector_chunks(chunk)
+
     def labels(self) -> set[str]:
         return {label for label, _ in self._entries.values()}
 

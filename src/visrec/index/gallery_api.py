@@ -107,6 +107,14 @@ class GalleryBase(ABC):
         loaded Faiss gallery already is one (it lives in memory); write-through backends copy."""
         return self
 
+    def release(self) -> None:
+        """Free what an unsaved working copy holds (a Milvus staging collection); no-op otherwise."""
+
+    def revert_publish(self) -> None:
+        """Undo this object's last save to a new location, when what should follow it failed
+        (a champion whose models could not be published). Faiss: the version dir goes with the
+        caller's temporary directory, nothing to do; Milvus: the alias moves back."""
+
     def check_expected(self, where: object, expected_fingerprint: str | None, expected_dim: int | None) -> None:
         """Refuse a gallery of another extractor (fingerprint) or another embedding size."""
         if expected_fingerprint is not None and self.fingerprint != expected_fingerprint:

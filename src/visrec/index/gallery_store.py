@@ -33,6 +33,7 @@ META_FILE = "meta.json"
 LABELS_FILE = "labels.jsonl"
 CURRENT_LINK = "current"
 LOCK_FILE = ".lock"
+MILVUS_POINTER = "milvus.json"  # visrec.index.milvus_store.POINTER_FILE: this directory serves a Milvus gallery
 _VERSION_RE = re.compile(r"^v(\d{6,})-[0-9a-f]{8}$")
 BUILD_HINT = "build one with `visrec gallery build LIST`"
 Entries = dict[int, tuple[str, dict[str, Any]]]  # id -> (label, metadata)
@@ -137,6 +138,9 @@ def _write_version(directory: Path, backend: IndexBackend, entries: Entries, met
 
 
 def _check_root(root: Path) -> None:
+    if (root / MILVUS_POINTER).exists():
+        raise ValueError(f"{root} serves a Milvus gallery ({MILVUS_POINTER}); save there with index.backend: "
+                         f"milvus, or delete {MILVUS_POINTER} to serve its Faiss versions again")
     if (root / META_FILE).exists():
         raise ValueError(f"{root} is a single gallery version, not a gallery root; save to a new directory")
     root.mkdir(parents=True, exist_ok=True)

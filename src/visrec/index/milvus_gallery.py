@@ -74,13 +74,18 @@ class MilvusGallery(GalleryBase):
         self._label_counts: Counter[str] | None = None
         self._added: list[int] = []  # the journal since the last load / save
         self._removed: list[dict[str, Any]] = []
+        self._replaced: str | None = None  # what the alias served before this object's last publication
 
     # ----------------------------------------------------------------- construction
     @classmethod
     def create(cls, dim: int, index_type: str = "HNSW32", *, settings: store.MilvusSettings,
                fingerprint: str | None = None, num_threads: int = 2, meta_extra: dict[str, Any] | None = None,
-               **index_params: Any) -> MilvusGallery:
-        """An empty gallery in a new, not yet published collection (published by :meth:`save`)."""
+               resume_key: str | None = None, **index_params: Any) -> MilvusGallery:
+        """An empty gallery in a new, not yet published collection (published by :meth:`save`).
+
+        With ``resume_key`` (e.g. a hash of the list being built), the staging collection is named
+        by it, and one left by an interrupted build with the same dim, index and fingerprint is
+        reopened as it is, so the build can continue where it stopped."""
         from pymilvus import DataType, MilvusClient
 
         if not isinstance(dim, int | np.integer) or dim < 1:
@@ -103,7 +108,14 @@ class MilvusGallery(GalleryBase):
         meta = {"format": FORMAT_VERSION, "dim": int(dim), "index_type": kind, "index_params": params,
                 "fingerprint": fingerprint, "next_id": 0, "extra": dict(meta_extra or {}), "created": now(),
                 "updated": None, "revision": 0}
-        name = store.staging_name(settings.alias_prefix)
+        name = store.staging_name(settings.alias_prefix, resume_key)
+        if resume_key and client.has_collection(name):
+            found = store.read_meta(client, name)
+            if all(found.get(k) == meta[k] for k in ("dim", "index_type", "index_params", "fingerprint")):
+                client.load_collection(name)
+                logger.info("reopened the interrupted build %s (%s entries so far)", name, found["next_id"])
+                return cls(client, settings, name, found, num_threads=num_threads)
+            client.drop_collection(name)  # an interrupted build of another extractor or index
         client.create_collection(name, schema=schema, index_params=cls._index_params(client, kind, params),
                                  consistency_level=settings.consistency_level,
                                  properties={store.META_PROPERTY: json.dumps(meta, ensure_ascii=False)})
@@ -364,22 +376,31 @@ class MilvusGallery(GalleryBase):
                 for row in self._search_rows(queries, top_k)]
 
     # ----------------------------------------------------------------- publishing
+    @classmethod
+    def copy_of(cls, source: GalleryBase, settings: store.MilvusSettings) -> MilvusGallery:
+        """A new unpublished gallery holding ``source``'s entries as they are (ids, labels,
+        metadata, vectors, fingerprint, next id), from either backend, inserted in batches."""
+        copy = cls.create(source.dim, source.index_type, settings=settings, fingerprint=source.fingerprint,
+                          num_threads=source.num_threads, meta_extra=source.meta_extra, **source.index_params)
+        try:
+            batch: list[tuple] = []
+            for row in _rows_with_vectors(source):
+                batch.append(row)
+                if len(batch) >= settings.insert_batch:
+                    copy._copy_rows(batch)
+                    batch = []
+            if batch:
+                copy._copy_rows(batch)
+            copy.next_id, copy.created = source.next_id, source.created
+            store.write_meta(copy._client, copy.collection, copy._meta())
+        except BaseException:
+            copy.release()
+            raise
+        return copy
+
     def working_copy(self) -> MilvusGallery:
         """A copy in a new unpublished collection: changing it leaves this gallery untouched."""
-        copy = MilvusGallery.create(self.dim, self.index_type, settings=self.settings, fingerprint=self.fingerprint,
-                                    num_threads=self.num_threads, meta_extra=self.meta_extra,
-                                    **{k: v for k, v in self._params.items()})
-        batch: list[tuple] = []
-        for entry in self.entries(with_vectors=True):
-            batch.append(entry)
-            if len(batch) >= self.settings.insert_batch:
-                copy._copy_rows(batch)
-                batch = []
-        if batch:
-            copy._copy_rows(batch)
-        copy.next_id, copy.created = self.next_id, self.created
-        store.write_meta(copy._client, copy.collection, copy._meta())
-        return copy
+        return MilvusGallery.copy_of(self, self.settings)
 
     def _copy_rows(self, rows: Sequence[tuple]) -> None:
         """Insert ``(id, label, metadata, vector)`` rows as they are (their ids kept)."""
@@ -396,8 +417,13 @@ class MilvusGallery(GalleryBase):
         if path is None and self.path is None:
             raise ValueError("save() needs a path: this gallery was never saved or loaded from a gallery root")
         root = Path(path) if path is not None else self.path
-        keep = keep_versions or self.settings.keep_versions
         alias = store.read_pointer(root)[1] if store.has_pointer(root) else self._check_new_root(root)
+        return self.publish(root, alias, keep_versions)
+
+    def publish(self, root: Path, alias: str, keep_versions: int | None = None) -> str:
+        """:meth:`save` under a given served name (``visrec gallery migrate`` publishes beside the
+        Faiss versions it copied, which :meth:`save` would refuse to write next to)."""
+        keep = keep_versions or self.settings.keep_versions
         client = self._client
         self.revision += 1
         self.updated = now()
@@ -416,12 +442,23 @@ class MilvusGallery(GalleryBase):
             store.write_meta(client, self.collection, self._meta())
             client.load_collection(self.collection)
             store.write_pointer(root, alias, self.settings)
-            store.switch_alias(client, alias, self.collection)  # the commit point
+            self._replaced = store.switch_alias(client, alias, self.collection)  # the commit point
             store.prune(client, alias, keep)
         self.alias, self.path = alias, root
         self._added, self._removed = [], []
         logger.info("saved gallery %s as %s (%d entries)", root, self.version, len(self))
         return self.version
+
+    def revert_publish(self) -> None:
+        """Point the alias back at the collection this object's last save replaced (kept by pruning)."""
+        if self.alias and self._replaced:
+            store.switch_alias(self._client, self.alias, self._replaced)
+            self._replaced = None
+
+    def release(self) -> None:
+        """Drop this gallery's collection if it was never published (a working copy, a failed build)."""
+        if self.alias is None and self._client.has_collection(self.collection):
+            self._client.drop_collection(self.collection)
 
     def _check_new_root(self, root: Path) -> str:
         if root.is_dir() and any(not p.name.startswith(".") for p in root.iterdir()):
@@ -429,3 +466,13 @@ class MilvusGallery(GalleryBase):
                              f"{store.POINTER_FILE} (a Faiss gallery? `visrec gallery migrate --to milvus` copies "
                              "one); choose an empty or new directory")
         return store.alias_for(root, self.settings.alias_prefix)
+
+
+def _rows_with_vectors(gallery: GalleryBase) -> Iterator[tuple[int, str, dict[str, Any], np.ndarray]]:
+    """``(id, label, metadata, vector)`` of every entry of a gallery of either backend."""
+    if isinstance(gallery, MilvusGallery):
+        yield from gallery.entries(with_vectors=True)
+        return
+    for ids, vectors in gallery.vector_chunks():
+        for i, vector in zip(ids.tolist(), vectors, strict=True):
+            yield i, gallery.label_of(i), dict(gallery.metadata_of(i)), vector

@@ -28,9 +28,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from visrec.index.gallery_store import MILVUS_POINTER
+
 logger = logging.getLogger(__name__)
 
-POINTER_FILE = "milvus.json"
+POINTER_FILE = MILVUS_POINTER  # the Faiss store refuses to save into a directory holding one
 POINTER_FORMAT = 1
 TOKEN_ENV = "VISREC_MILVUS_TOKEN"
 META_PROPERTY = "visrec.meta"  # the gallery's metadata (fingerprint, next_id, ...) as JSON
@@ -138,9 +140,12 @@ def alias_for(path: str | Path, prefix: str) -> str:
     return f"{prefix}_{slug}_{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
 
 
-def staging_name(prefix: str) -> str:
-    """A collection not yet published under any alias (a build in progress)."""
-    return f"{prefix}_staging_{uuid.uuid4().hex[:12]}"
+def staging_name(prefix: str, resume_key: str | None = None) -> str:
+    """A collection not yet published under any alias (a build in progress); named by
+    ``resume_key`` when the build should be resumable, else unique."""
+    if resume_key is not None and not re.fullmatch(r"[A-Za-z0-9_]{1,64}", resume_key):
+        raise ValueError(f"resume_key must be 1-64 letters, digits or underscores, got {resume_key!r}")
+    return f"{prefix}_staging_{resume_key or uuid.uuid4().hex[:12]}"
 
 
 def version_number(collection: str) -> int | None:

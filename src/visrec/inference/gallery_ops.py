@@ -13,6 +13,7 @@ whole photo, so a gallery holding both views meets them on their own terms (real
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from visrec.imaging import load_image
 from visrec.index.gallery import Gallery
+from visrec.index.gallery_api import GalleryBase
 from visrec.index.listfile import read_list_file
 from visrec.inference.detector_runtime import Detector
 from visrec.inference.extractor_runtime import Extractor
@@ -94,15 +96,20 @@ def expand_views(items: Sequence[GalleryItem], views: Sequence[str], detector: D
             for i, item in enumerate(items) for view, box in view_boxes(views, item.box, detected.get(i))]
 
 
-def embed_items(extractor: Extractor, items: Sequence[GalleryItem], batch_size: int = 64,
-                progress: bool = True, desc: str = "embedding gallery") -> np.ndarray:
-    """``[N, D]`` embeddings of the items, in batches (images are decoded batch by batch)."""
+def check_files(items: Sequence[GalleryItem]) -> None:
+    """Refuse an empty list or missing images up front: a half-embedded list must not reach the gallery."""
     if not items:
         raise ValueError("no gallery images given: the list is empty")
     missing = [str(item.path) for item in items if not Path(item.path).is_file()]
-    if missing:  # checked up front: a half-embedded list must not reach the gallery
+    if missing:
         raise FileNotFoundError(f"{len(missing)} gallery image(s) not found, e.g. {', '.join(missing[:3])}: "
                                 "fix the paths (relative to the list file's folder, or --root)")
+
+
+def embed_items(extractor: Extractor, items: Sequence[GalleryItem], batch_size: int = 64,
+                progress: bool = True, desc: str = "embedding gallery") -> np.ndarray:
+    """``[N, D]`` embeddings of the items, in batches (images are decoded batch by batch)."""
+    check_files(items)
     chunks = []
     for start in tqdm(range(0, len(items), batch_size), desc=desc, disable=not progress, leave=False):
         crops = []
@@ -127,22 +134,56 @@ def item_metadata(item: GalleryItem) -> dict[str, Any]:
     return {**meta, **(item.metadata or {})}
 
 
+#: Items embedded before they are added: bounds memory on a big catalogue (4096 x 1280-d float32
+#: = 21 MB) while keeping inserts large. A Faiss IVF gallery trains on the first chunk.
+STREAM_CHUNK = 4096
+
+
+def entry_key(label: str, metadata: dict[str, Any]) -> str:
+    """What identifies a gallery entry across builds: its image, view, box and label."""
+    return json.dumps([label, metadata.get("path"), metadata.get("view"), metadata.get("box")], ensure_ascii=False)
+
+
+def fill_gallery(gallery: GalleryBase, extractor: Extractor, items: Sequence[GalleryItem], batch_size: int = 64,
+                 progress: bool = True, views: Sequence[str] | None = None, detector: Detector | None = None,
+                 chunk: int = STREAM_CHUNK) -> int:
+    """Embed ``items`` (each as its ``views``, if given) and add them to ``gallery`` a chunk at a
+    time (bounded memory, one progress bar); returns how many entries were added.
+
+    Resumable: entries the gallery already holds (same label, image, view and box; e.g. a
+    Milvus build interrupted and reopened) are skipped, so a rerun adds only what is missing.
+    """
+    if views:
+        items = expand_views(items, views, detector)
+    check_files(items)
+    done = {entry_key(label, meta) for _, label, meta in gallery.entries()} if len(gallery) else set()
+    todo = [item for item in items if entry_key(item.label, item_metadata(item)) not in done]
+    if done:
+        logger.info("resuming a gallery build: %d of %d entries already present", len(items) - len(todo), len(items))
+    with tqdm(total=len(todo), desc="embedding gallery", unit="img", disable=not progress, leave=False) as bar:
+        for start in range(0, len(todo), chunk):
+            part = todo[start:start + chunk]
+            vectors = embed_items(extractor, part, batch_size, progress=False)
+            gallery.add(vectors, [i.label for i in part], [item_metadata(i) for i in part])
+            bar.update(len(part))
+    logger.info("gallery of %d entries, %d labels (%d added)", len(gallery), len(gallery.labels()), len(todo))
+    return len(todo)
+
+
 def build_gallery(extractor: Extractor, items: Sequence[GalleryItem], index_type: str = "HNSW32",
                   num_threads: int = 2, batch_size: int = 64, progress: bool = True,
                   meta_extra: dict[str, Any] | None = None, views: Sequence[str] | None = None,
                   detector: Detector | None = None, **index_params: Any) -> Gallery:
-    """A new gallery of ``items`` (each as its ``views``, if given), stamped with the extractor's fingerprint."""
-    if views:
-        items = expand_views(items, views, detector)
-    vectors = embed_items(extractor, items, batch_size, progress)
-    gallery = Gallery.build(vectors, [i.label for i in items], [item_metadata(i) for i in items],
-                            index_type=index_type, fingerprint=extractor.fingerprint, num_threads=num_threads,
-                            meta_extra=meta_extra, **index_params)
-    logger.info("built a %s gallery of %d entries, %d labels", index_type, len(gallery), len(gallery.labels()))
+    """A new in-memory Faiss gallery of ``items``, stamped with the extractor's fingerprint
+    (params-driven builds on either backend: ``visrec.workflows.gallery.build_from_list``)."""
+    gallery = Gallery.create(extractor.dim, index_type, fingerprint=extractor.fingerprint, num_threads=num_threads,
+                             meta_extra=meta_extra, **index_params)
+    fill_gallery(gallery, extractor, items, batch_size, progress, views, detector,
+                 chunk=max(len(items) * len(views or [None]), 1))  # one add: IVF trains on all of it
     return gallery
 
 
-def add_items(gallery: Gallery, extractor: Extractor, items: Sequence[GalleryItem], batch_size: int = 64,
+def add_items(gallery: GalleryBase, extractor: Extractor, items: Sequence[GalleryItem], batch_size: int = 64,
               progress: bool = True, views: Sequence[str] | None = None,
               detector: Detector | None = None) -> list[int]:
     """Embed ``items`` (each as its ``views``, if given) and add them; nothing is added unless every image embeds."""

@@ -29,7 +29,8 @@ from visrec.inference.detection_post import nms
 from visrec.inference.detector_runtime import Detector
 from visrec.inference.export import ONNX_FILE
 from visrec.inference.extractor_runtime import Extractor
-from visrec.index.gallery import Gallery
+from visrec.index.factory import open_gallery
+from visrec.index.gallery_api import GalleryBase
 from visrec.index.label_scores import label_hits
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def load_detector(rec_cfg: RecognitionConfig) -> Detector | None:
 
 
 class RecognitionSystem:
-    def __init__(self, extractor: Extractor, gallery: Gallery, detector: Detector | None = None,
+    def __init__(self, extractor: Extractor, gallery: GalleryBase, detector: Detector | None = None,
                  settings: RecognitionConfig | None = None):
         self.extractor = extractor
         self.detector = detector
@@ -82,19 +83,19 @@ class RecognitionSystem:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_config(cls, rec_cfg: RecognitionConfig, gallery: Gallery | None = None) -> RecognitionSystem:
+    def from_config(cls, rec_cfg: RecognitionConfig, gallery: GalleryBase | None = None) -> RecognitionSystem:
         """Load the exported models and the gallery named in a ``RecognitionConfig``."""
         extractor = load_extractor(rec_cfg)
         detector = load_detector(rec_cfg)
         if gallery is None:
-            gallery = Gallery.load(rec_cfg.gallery, expected_fingerprint=extractor.fingerprint,
+            gallery = open_gallery(rec_cfg.gallery, expected_fingerprint=extractor.fingerprint,
                                    num_threads=rec_cfg.num_threads)
         return cls(extractor, gallery, detector, rec_cfg)
 
-    def _check_gallery(self, gallery: Gallery) -> None:
+    def _check_gallery(self, gallery: GalleryBase) -> None:
         fingerprint = gallery.fingerprint
         if fingerprint and fingerprint != self.extractor.fingerprint:
-            from visrec.index.gallery import GalleryMismatchError
+            from visrec.index.gallery_api import GalleryMismatchError
 
             raise GalleryMismatchError(
                 f"the gallery was built by extractor {fingerprint} but the loaded extractor is "
@@ -103,7 +104,7 @@ class RecognitionSystem:
             raise ValueError(f"the gallery holds {gallery.dim}-d vectors but the extractor makes "
                              f"{self.extractor.dim}-d ones: rebuild the gallery")
 
-    def set_gallery(self, gallery: Gallery) -> None:
+    def set_gallery(self, gallery: GalleryBase) -> None:
         """Swap in another gallery (e.g. after an update); checked against the extractor first."""
         self._check_gallery(gallery)
         self.gallery = gallery
@@ -143,7 +144,7 @@ class RecognitionSystem:
         self.timings.extract += time.perf_counter() - start
         return boxes, features
 
-    def recognize(self, boxes: np.ndarray, features: np.ndarray, gallery: Gallery | None = None,
+    def recognize(self, boxes: np.ndarray, features: np.ndarray, gallery: GalleryBase | None = None,
                   top_k: int | None = None, threshold: float | None = None,
                   return_topk: bool = False) -> list[dict[str, Any]]:
         """Search ``features`` in the gallery, threshold, NMS: the recognition results."""
@@ -195,7 +196,7 @@ class RecognitionSystem:
             results.append(result)
         return results
 
-    def top1(self, boxes: np.ndarray, features: np.ndarray, gallery: Gallery | None = None
+    def top1(self, boxes: np.ndarray, features: np.ndarray, gallery: GalleryBase | None = None
              ) -> tuple[str | None, float]:
         """The system's best (label, score) for a described image, before any threshold."""
         results = self.recognize(boxes, features, gallery=gallery, top_k=1, threshold=-2.0)

@@ -8,11 +8,15 @@ without a server):
 * **Promotions**: before each request the worker compares the champion's ``current`` link
   with the one it loaded (one readlink); when it moved, models and gallery are reloaded
   together and swapped in at once.
-* **Gallery changes** are copy-on-write: load the live gallery from disk, change the copy,
-  publish it with the atomic ``Gallery.save``, then swap the reference. A request in flight
-  keeps the gallery object it started with, so it never sees half a change. Changes made by
-  another worker or tool (``Gallery.current_version`` moved) are picked up the same way. A
-  file lock in the gallery directory serialises load-modify-save across workers.
+* **Gallery changes** go through ``workflows.change_gallery``: open the live gallery, change it,
+  publish it (Faiss: a new version directory, copy-on-write; Milvus: the rows are written
+  through and the change committed), then swap the reference. A request in flight keeps the
+  gallery object it started with. Changes made by another worker or tool
+  (``visrec.index.factory.gallery_version`` moved) are picked up the same way. A file lock in
+  the gallery directory serialises load-modify-save across workers.
+* **Either backend** (``visrec.index.factory``): a Milvus promotion moves the gallery's alias
+  just before the champion link; a worker that sees a gallery of another extractor before the
+  link moves keeps serving the old pair (its collection is kept) until it does.
 * **Uploaded gallery images** are stored under ``serve.upload_dir``, named by content hash and
   decoded format, and their path recorded in the entry's metadata, so a future champion can
   re-embed them. A stored file no entry refers to any more (after a removal) is deleted, and
@@ -33,7 +37,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from visrec.config import Config
-from visrec.index.gallery import Gallery, update_lock
+from visrec.index.factory import gallery_version, open_gallery, update_lock
+from visrec.index.gallery_api import GalleryBase, GalleryMismatchError
 from visrec.inference.gallery_ops import best_boxes, check_views, view_boxes
 from visrec.inference.pipeline import RecognitionSystem
 from visrec.workflows.champion import current_champion, served_recognition
@@ -66,7 +71,7 @@ class LiveRecognition:
         with self.lock:
             settings, champion = served_recognition(self.config, self.base)
             gallery_path = Path(settings.gallery)
-            version = Gallery.current_version(gallery_path)
+            version = gallery_version(gallery_path)
             system = RecognitionSystem.from_config(settings)
             self.settings, self.champion, self.gallery_path = settings, champion, gallery_path
             self.system, self.version = system, version
@@ -78,7 +83,7 @@ class LiveRecognition:
     def _champion_moved(self) -> bool:
         return self.config.serve.champion and current_champion(self.champion_root) != self.champion
 
-    def refresh(self) -> tuple[RecognitionSystem, Gallery]:
+    def refresh(self) -> tuple[RecognitionSystem, GalleryBase]:
         """Reload what moved on disk (a promotion, another writer's gallery change); return the
         system and gallery a request should use from start to end (a consistent snapshot).
         Cheap when nothing moved: two readlinks."""
@@ -88,24 +93,31 @@ class LiveRecognition:
                 self._load()
                 logger.info("champion changed: %s -> %s; models and gallery reloaded", old, self.champion)
                 return self.system, self.system.gallery
-            version = Gallery.current_version(self.gallery_path)
+            version = gallery_version(self.gallery_path)
             if version != self.version:
-                gallery = Gallery.load(self.gallery_path, expected_fingerprint=self.system.extractor.fingerprint,
-                                       num_threads=self.settings.num_threads)
+                try:
+                    gallery = open_gallery(self.gallery_path, expected_fingerprint=self.system.extractor.fingerprint,
+                                           num_threads=self.settings.num_threads)
+                except GalleryMismatchError:
+                    # A promotion on Milvus moves the gallery's alias just before the champion link:
+                    # keep serving the old pair (its collection is kept) until the link moves.
+                    logger.info("gallery %s moved to another extractor's; waiting for the champion link",
+                                self.gallery_path)
+                    return self.system, self.system.gallery
                 self.system.set_gallery(gallery)
                 logger.info("reloaded gallery %s: version %s -> %s (%d entries)", self.gallery_path,
                             self.version, version, len(gallery))
                 self.version = version
             return self.system, self.system.gallery
 
-    def mutate(self, change: Callable[[Gallery], T], prune: bool = False) -> tuple[T, Gallery]:
+    def mutate(self, change: Callable[[GalleryBase], T], prune: bool = False) -> tuple[T, GalleryBase]:
         """Apply ``change(gallery)`` to a fresh copy of the live gallery, publish it, swap it in;
         with ``prune``, then delete the stored uploads no entry refers to any more.
 
         ``change`` raising leaves the saved gallery as it was."""
-        def published(gallery: Gallery) -> None:  # still under the gallery's update lock
+        def published(gallery: GalleryBase) -> None:  # still under the gallery's update lock
             self.system.set_gallery(gallery)
-            self.version = Gallery.current_version(self.gallery_path)
+            self.version = gallery_version(self.gallery_path)
             if prune:
                 self._prune_uploads(gallery)
 
@@ -150,14 +162,14 @@ class LiveRecognition:
             tmp.replace(path)
         return path.resolve()
 
-    def _prune_uploads(self, gallery: Gallery) -> int:
+    def _prune_uploads(self, gallery: GalleryBase) -> int:
         """Delete stored uploads no entry of ``gallery`` refers to, and interrupted writes."""
         if not self.upload_dir.is_dir():
             return 0
         root = self.upload_dir.resolve()
         referenced = set()
-        for i in gallery.ids():
-            stored = gallery.metadata_of(i).get("path")
+        for _, _, meta in gallery.entries():
+            stored = meta.get("path")
             if stored and Path(stored).parent == root:
                 referenced.add(Path(stored).name)
         removed = 0
@@ -174,11 +186,11 @@ class LiveRecognition:
         if not self.upload_dir.is_dir() or not self.gallery_path.is_dir():
             return 0
         with self.lock, update_lock(self.gallery_path):
-            gallery = Gallery.load(self.gallery_path, num_threads=self.settings.num_threads)
+            gallery = open_gallery(self.gallery_path, num_threads=self.settings.num_threads)
             return self._prune_uploads(gallery)
 
     def add_images(self, arrays: Sequence[np.ndarray], labels: Sequence[str],
-                   uploads: Sequence[tuple[bytes, str] | None]) -> tuple[list[int], Gallery]:
+                   uploads: Sequence[tuple[bytes, str] | None]) -> tuple[list[int], GalleryBase]:
         """Embed images as their gallery views (``recognition.gallery_views``, as ``visrec gallery
         add`` does) and add them under ``labels`` (metadata: source, time, stored path, view).
         ``uploads``: per image, (its bytes, extension) to keep under ``serve.upload_dir`` (so a
@@ -207,7 +219,7 @@ class LiveRecognition:
             raise UnprocessableContent("the extractor gives no usable embedding for some of these images; nothing was added")
         fingerprint = system.extractor.fingerprint
 
-        def change(gallery: Gallery) -> list[int]:
+        def change(gallery: GalleryBase) -> list[int]:
             if gallery.fingerprint and gallery.fingerprint != fingerprint:  # promoted while we embedded
                 raise Conflict("the champion changed while these images were embedded; send them again")
             paths = [None if upload is None else self._store_upload(*upload) for upload in uploads]
@@ -218,7 +230,7 @@ class LiveRecognition:
 
         return self.mutate(change)
 
-    def remove(self, ids: Sequence[int] | None = None, label: str | None = None) -> tuple[int, Gallery]:
+    def remove(self, ids: Sequence[int] | None = None, label: str | None = None) -> tuple[int, GalleryBase]:
         """Remove entries by ``ids`` or every entry of ``label``; returns (removed, gallery).
 
         Raises BadRequest for a bad request and NotFound when an id or the label is not in the
@@ -228,7 +240,7 @@ class LiveRecognition:
         if ids is not None and not ids:
             raise BadRequest("'ids' is empty")
 
-        def change(gallery: Gallery) -> int:
+        def change(gallery: GalleryBase) -> int:
             if label is None:
                 unknown = sorted({int(i) for i in ids if int(i) not in gallery})
                 if unknown:

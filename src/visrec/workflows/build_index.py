@@ -17,6 +17,7 @@ from visrec.data.cub import read_cub
 from visrec.data.split_list import read_split_list
 from visrec.evaluation.system_eval import (QUERIES_FILE, SystemSplit, calibrate, open_set_gallery, split_for_system,
                                            write_queries)
+from visrec.index.factory import gallery_from_vectors
 from visrec.index.faiss_index import index_params
 from visrec.index.gallery import Gallery
 from visrec.index.listfile import write_list_file
@@ -41,16 +42,18 @@ def run_build_index(cfg, raw_root: Path, split_dir: Path, index_dir: Path, metri
     vectors = embed_items(extractor, entries, index_cfg.batch_size)
     labels = [item.label for item in entries]
     metadata = [item_metadata(item) for item in entries]
-    params = index_params(index_cfg)
-
-    def make() -> Gallery:
-        return Gallery.build(vectors, labels, metadata, index_type=index_cfg.index_type,
-                             fingerprint=extractor.fingerprint, num_threads=rec_cfg.num_threads, **params)
-
-    gallery = make()
-    gallery_open = open_set_gallery(make(), split.held_out)
-    system = RecognitionSystem.from_config(rec_cfg, gallery=gallery)
-    calibration = calibrate(system, split, gallery_open)
+    gallery = gallery_from_vectors(index_cfg, vectors, labels, metadata, fingerprint=extractor.fingerprint,
+                                   num_threads=rec_cfg.num_threads)
+    # The open-set copy only calibrates the threshold: an in-memory Faiss index of the same type.
+    gallery_open = open_set_gallery(Gallery.build(vectors, labels, metadata, index_type=index_cfg.index_type,
+                                                  fingerprint=extractor.fingerprint, num_threads=rec_cfg.num_threads,
+                                                  **index_params(index_cfg)), split.held_out)
+    try:
+        system = RecognitionSystem.from_config(rec_cfg, gallery=gallery)
+        calibration = calibrate(system, split, gallery_open)
+    except BaseException:
+        gallery.release()  # an unpublished Milvus collection
+        raise
     gallery.meta_extra.update({"threshold": calibration["threshold"], "held_out_labels": split.held_out,
                                "calibration": calibration, "source": "build_index: test split of " + str(raw_root)})
 

@@ -95,17 +95,17 @@ def _entry_key(label: str, metadata: dict[str, Any]) -> str:
 
 
 def _entries(gallery) -> list[tuple[int, str, dict[str, Any]]]:
-    return [(i, gallery.label_of(i), dict(gallery.metadata_of(i))) for i in gallery.ids()]
+    return list(gallery.entries())  # streamed by the backend, one call per page (not per entry)
 
 
 def _carry_over(candidate, old_root: Path, extractor, batch_size: int) -> dict[str, Any]:
     """Apply the live changes of the old champion (``old_root``) to ``candidate``, in place."""
-    from visrec.index.gallery import Gallery
+    from visrec.index.factory import open_gallery
     from visrec.inference.gallery_ops import GalleryItem, embed_items
 
     base_file = old_root / BASE_ENTRIES_FILE
     old_base = set(json.loads(base_file.read_text(encoding="utf-8"))) if base_file.is_file() else set()
-    old_live = Gallery.load(old_root / "gallery")
+    old_live = open_gallery(old_root / "gallery")
     live_keys = {_entry_key(label, meta) for _, label, meta in _entries(old_live)}
     removed = old_base - live_keys
     drop = [i for i, label, meta in _entries(candidate) if _entry_key(label, meta) in removed]
@@ -135,8 +135,13 @@ def publish_champion(export_dir: str | Path, gallery_dir: str | Path, champion_r
 
     The old champion's live gallery changes are carried over (see the module doc). The old
     champion's gallery update lock is held throughout, so no service write slips in between.
+
+    A Milvus gallery is published under the champions' served name (an alias) by moving the
+    alias just before the ``current`` link: a server that sees the new gallery before the new
+    models keeps the old pair until the link moves (``visrec.serving.live``); if the link
+    cannot be moved, the alias is moved back.
     """
-    from visrec.index.gallery import Gallery, update_lock
+    from visrec.index.factory import adopt_served_name, open_gallery, update_lock
     from visrec.inference.export import read_model_json
     from visrec.inference.extractor_runtime import Extractor
 
@@ -152,26 +157,35 @@ def publish_champion(export_dir: str | Path, gallery_dir: str | Path, champion_r
                          default=0)
         name = f"{_PREFIX}{number:06d}-{uuid.uuid4().hex[:8]}"
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+        gallery = None
         try:
             shutil.copytree(export_dir, tmp / "export", symlinks=False)
             extractor = Extractor(tmp / "export" / "extractor", num_threads=num_threads)
-            gallery = Gallery.load(gallery_dir, expected_fingerprint=extractor.fingerprint, num_threads=num_threads)
+            # A working copy: carrying changes over must not touch the candidate (a Milvus write goes through).
+            gallery = open_gallery(gallery_dir, expected_fingerprint=extractor.fingerprint,
+                                   num_threads=num_threads).working_copy()
             base_keys = sorted({_entry_key(label, meta) for _, label, meta in _entries(gallery)})
             carried = _carry_over(gallery, old_root, extractor, batch_size) if old_root is not None else {}
-            gallery.save(tmp / "gallery")
             (tmp / BASE_ENTRIES_FILE).write_text(json.dumps(base_keys, ensure_ascii=False) + "\n", encoding="utf-8")
             full_record = {**record, "name": name, "previous": old_name,
                            "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
                            "extractor_fingerprint": extractor.fingerprint,
                            "gallery_entries": len(gallery), **carried}
             (tmp / RECORD_FILE).write_text(json.dumps(full_record, indent=2) + "\n", encoding="utf-8")
+            adopt_served_name(gallery, tmp / "gallery", old_root / "gallery" if old_root is not None else root)
+            gallery.save(tmp / "gallery")  # Milvus: the alias moves here, right before the link
             os.rename(tmp, root / name)
+            link = root / f".{CURRENT_LINK}.tmp-{uuid.uuid4().hex[:8]}"
+            os.symlink(name, link)
+            os.replace(link, root / CURRENT_LINK)  # the commit point
         except BaseException:
+            if gallery is not None:
+                gallery.revert_publish()
+                gallery.release()
             shutil.rmtree(tmp, ignore_errors=True)
+            if (root / name).is_dir() and current_champion(root) != name:
+                shutil.rmtree(root / name, ignore_errors=True)
             raise
-        link = root / f".{CURRENT_LINK}.tmp-{uuid.uuid4().hex[:8]}"
-        os.symlink(name, link)
-        os.replace(link, root / CURRENT_LINK)  # the commit point
     _prune(root, keep, name)
     logger.info("published champion %s (previous %s): %d gallery entries", name, old_name, len(gallery))
     return name

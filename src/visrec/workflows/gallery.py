@@ -12,6 +12,8 @@ gallery-update DAG and the service.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,9 +21,10 @@ from typing import Any, TypeVar
 
 from visrec.config import Config, RecognitionConfig, load_config
 from visrec.data.manifest import probe_image
-from visrec.index.faiss_index import index_params
-from visrec.index.gallery import Gallery, update_lock
-from visrec.inference.gallery_ops import GalleryItem, add_items, build_gallery, items_from_list
+from visrec.index.factory import copy_to_milvus, create_gallery, open_gallery, update_lock
+from visrec.index.milvus_store import MilvusSettings
+from visrec.index.gallery_api import GalleryBase
+from visrec.inference.gallery_ops import GalleryItem, add_items, fill_gallery, items_from_list
 from visrec.inference.pipeline import load_detector, load_extractor
 from visrec.workflows.champion import served_recognition
 
@@ -30,26 +33,43 @@ T = TypeVar("T")
 MAX_LISTED_PROBLEMS = 5
 
 
-def change_gallery(path: str | Path, change: Callable[[Gallery], T], *, expected_fingerprint: str | None = None,
-                   num_threads: int = 2, after_save: Callable[[Gallery], None] | None = None) -> tuple[T, Gallery]:
+def change_gallery(path: str | Path, change: Callable[[GalleryBase], T], *, expected_fingerprint: str | None = None,
+                   num_threads: int = 2, after_save: Callable[[GalleryBase], None] | None = None) -> tuple[T, GalleryBase]:
     """Apply ``change(gallery)`` to the gallery at ``path`` and publish the result as a new version.
 
     Load-change-save runs under the gallery's update lock; so does ``after_save(gallery)``, for
     work that must see exactly this version (e.g. deleting files no entry refers to any more).
-    ``change`` raising leaves the saved gallery as it was. Returns what ``change`` returned and
-    the changed gallery.
+    ``change`` raising leaves the saved gallery as it was (a backend that writes through, Milvus,
+    undoes what the change did). Returns what ``change`` returned and the changed gallery.
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no gallery at {path}: build one first "
                                 "(the build_index stage or `visrec gallery build LIST`)")
     with update_lock(path):
-        gallery = Gallery.load(path, expected_fingerprint=expected_fingerprint, num_threads=num_threads)
-        result = change(gallery)
-        gallery.save(path)
+        gallery = open_gallery(path, expected_fingerprint=expected_fingerprint, num_threads=num_threads)
+        try:
+            result = change(gallery)
+            gallery.save(path)
+        except BaseException:
+            gallery.discard_changes()
+            raise
         if after_save is not None:
             after_save(gallery)
     return result, gallery
+
+
+def migrate_gallery(cfg: Config, path: str | Path) -> dict[str, Any]:
+    """``visrec gallery migrate --to milvus``: the Faiss gallery at ``path`` copied into Milvus
+    (params ``index.milvus``) and served from there (:func:`visrec.index.factory.copy_to_milvus`)."""
+    source = open_gallery(path, num_threads=cfg.recognition.num_threads).info()
+    target = copy_to_milvus(path, MilvusSettings.from_config(cfg.index.milvus), cfg.recognition.num_threads)
+    info = target.info()
+    logger.info("migrated gallery %s to Milvus: %d entries, alias %s -> %s", path, len(target), info["alias"],
+                info["collection"])
+    return {"gallery": str(path), "entries": len(target), "next_id": target.next_id,
+            "fingerprint": target.fingerprint, "from": {k: source[k] for k in ("index_type", "version", "count")},
+            "to": {k: info[k] for k in ("uri", "alias", "collection", "version", "index_type")}}
 
 
 def object_view_detector(rec: RecognitionConfig):
@@ -57,14 +77,19 @@ def object_view_detector(rec: RecognitionConfig):
     return load_detector(rec) if "object" in rec.gallery_views else None
 
 
-def build_from_list(cfg: Config, list_file: str | Path, root: str | Path | None = None) -> Gallery:
+def build_from_list(cfg: Config, list_file: str | Path, root: str | Path | None = None) -> GalleryBase:
     """A new gallery of the list file's images, as ``recognition.gallery_views``, saved to
     ``recognition.gallery`` (the old one is replaced only once the new one is complete)."""
     rec = cfg.recognition
     items = read_items(list_file, root, cfg.index.delimiter)
-    gallery = build_gallery(load_extractor(rec), items, cfg.index.index_type, rec.num_threads, cfg.index.batch_size,
-                            meta_extra={"source": str(list_file)}, views=rec.gallery_views,
-                            detector=object_view_detector(rec), **index_params(cfg.index))
+    extractor = load_extractor(rec)
+    # The same list, views, extractor and target resume an interrupted (Milvus) build.
+    key = hashlib.sha1(json.dumps([Path(list_file).read_text(encoding="utf-8"), str(root), rec.gallery_views,
+                                   extractor.fingerprint, str(Path(rec.gallery).resolve())]).encode()).hexdigest()[:16]
+    gallery = create_gallery(cfg.index, extractor.dim, fingerprint=extractor.fingerprint, num_threads=rec.num_threads,
+                             meta_extra={"source": str(list_file)}, resume_key=key)
+    fill_gallery(gallery, extractor, items, cfg.index.batch_size, views=rec.gallery_views,
+                 detector=object_view_detector(rec))  # interrupted: a Milvus build stays to be resumed
     gallery.save(rec.gallery)
     return gallery
 
@@ -76,7 +101,7 @@ def add_items_to_gallery(cfg: Config, items: Sequence[GalleryItem], progress: bo
     extractor = load_extractor(rec)
     detector = object_view_detector(rec)
 
-    def add(gallery: Gallery) -> tuple[int, str | None, list[int]]:
+    def add(gallery: GalleryBase) -> tuple[int, str | None, list[int]]:
         before, old_version = len(gallery), gallery.version
         ids = add_items(gallery, extractor, items, batch_size=cfg.index.batch_size, progress=progress,
                         views=rec.gallery_views, detector=detector)
