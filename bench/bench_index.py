@@ -1,25 +1,42 @@
-"""Gallery index benchmark: build time, search QPS and recall@1 vs exact (FLAT) search.
+"""Gallery index benchmark: build time, insert rate, search QPS (1 and N concurrent clients) and
+recall@1 against exact search, for the Faiss and Milvus backends side by side.
 
-For each gallery size, builds HNSW32 / IVF / FLAT galleries through ``visrec.index.Gallery``
-(threads set explicitly), times a batch of top-k queries and compares each top-1 with FLAT's.
-
-    .venv/bin/python bench/bench_index.py                                  # 10k and 100k, clustered
+    .venv/bin/python bench/bench_index.py                                  # Faiss: 10k and 100k, clustered
+    .venv/bin/python bench/bench_index.py --backend faiss milvus --sizes 100000 1000000 --types HNSW32
     .venv/bin/python bench/bench_index.py --sizes 10000 --data random
-    .venv/bin/python bench/bench_index.py --ef-search 64 128 256 --nprobe 8 16 32   # sweep
+    .venv/bin/python bench/bench_index.py --ef-search 64 128 256 --nprobe 8 16 32   # sweep (Faiss)
     .venv/bin/python bench/bench_index.py --features feats.npy             # real features
 
-Data: ``random`` (i.i.d. Gaussian directions -- the hardest case for graph/IVF indexes: all
-neighbours are almost equally far) or ``clustered`` (``--clusters`` Gaussian clusters,
-closer to real embeddings where same-class vectors sit together). Queries are fresh
-draws from the same distribution (or held-out rows of ``--features``).
+Each backend builds its gallery through the library (``visrec.index``), the way the pipeline
+does: Faiss in this process (threads set explicitly), Milvus through pymilvus, inserted in
+batches of ``--insert-batch``. Milvus is a Milvus Lite server this script starts on 127.0.0.1
+over a temporary data dir (``OMP_NUM_THREADS=--threads``), or the server ``--milvus-uri`` names.
+
+Columns: ``build s`` until the gallery is searchable with its index (Milvus: after a flush);
+``insert/s`` vectors per second of the adds alone; ``QPS 1`` one client sending one query per
+request (the service's pattern); ``QPS N`` ``--clients`` such clients at once; ``recall@1`` the
+share of queries whose top-1 is the exact top-1 (exact: a Faiss flat inner-product search;
+a tie in score counts as a hit). Data: ``random`` (i.i.d. directions, the hardest case for
+graph/IVF indexes) or ``clustered`` (``--clusters`` Gaussian clusters, closer to real
+embeddings); queries are fresh draws from the same distribution (or held-out ``--features`` rows).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
 
+import faiss
 import numpy as np
 
 from visrec.index import Gallery
@@ -43,23 +60,98 @@ def make_data(kind: str, n: int, queries: int, dim: int, clusters: int, spread: 
     return x[:n], x[n:]
 
 
-def timed(fn: Callable[[], object], min_seconds: float = 1.0, min_runs: int = 3) -> float:
-    """Best wall time of ``fn`` over at least ``min_runs`` runs / ``min_seconds`` (after a warm-up)."""
-    fn()
-    best, spent, runs = float("inf"), 0.0, 0
-    while runs < min_runs or spent < min_seconds:
-        start = time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - start
-        best, spent, runs = min(best, elapsed), spent + elapsed, runs + 1
-    return best
+def exact_top1(gallery_x: np.ndarray, queries: np.ndarray, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exact nearest neighbour of each query (inner product), as (ids, scores)."""
+    faiss.omp_set_num_threads(threads)
+    index = faiss.IndexFlatIP(gallery_x.shape[1])
+    index.add(gallery_x)
+    scores, ids = index.search(queries, 1)
+    return ids[:, 0], scores[:, 0]
+
+
+def qps(search: Callable[[np.ndarray], object], queries: np.ndarray, clients: int) -> float:
+    """Queries per second with ``clients`` threads each sending one query per call."""
+    search(queries[:1])  # warm-up
+    start = time.perf_counter()
+    if clients == 1:
+        for q in queries:
+            search(q[None])
+    else:
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(lambda q: search(q[None]), queries))
+    return len(queries) / (time.perf_counter() - start)
+
+
+@contextmanager
+def milvus_server(uri: str | None, threads: int) -> Iterator[str]:
+    """The Milvus to use: ``uri`` as given, else a Milvus Lite server on 127.0.0.1 for this run."""
+    if uri:
+        yield uri
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="bench-milvus-") as data_dir:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        server = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", f"{data_dir}/db",
+                                   "--host", "127.0.0.1", "--port", str(port)], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or server.poll() is not None:
+                        raise RuntimeError("Milvus Lite did not start") from None
+                    time.sleep(0.2)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.send_signal(signal.SIGINT)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def build(backend: str, index_type: str, x: np.ndarray, args, settings) -> tuple[object, float, float]:
+    """The gallery, its build seconds (until searchable with its index) and its adds' vectors/s."""
+    labels = "item"  # one label for all: the benchmark is about vectors
+    start = time.perf_counter()
+    if backend == "faiss":
+        gallery = Gallery.create(x.shape[1], index_type, num_threads=args.threads, **hnsw_params(index_type, args))
+    else:
+        from visrec.index.milvus_gallery import MilvusGallery
+
+        gallery = MilvusGallery.create(x.shape[1], index_type, settings=settings, **hnsw_params(index_type, args))
+    add_start = time.perf_counter()
+    for chunk in range(0, len(x), args.add_chunk):  # streamed, as a big catalogue is built
+        gallery.add(x[chunk:chunk + args.add_chunk], labels)
+    added = time.perf_counter() - add_start
+    if backend == "milvus":
+        gallery.flush()
+    return gallery, time.perf_counter() - start, len(x) / added
+
+
+def hnsw_params(index_type: str, args) -> dict:
+    params = {}
+    if index_type.upper().startswith("HNSW"):
+        if args.ef_construction:
+            params["ef_construction"] = args.ef_construction
+        if args.hnsw_m:
+            params["hnsw_m"] = args.hnsw_m
+    return params
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", nargs="+", choices=["faiss", "milvus"], default=["faiss"])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--queries", type=int, default=1000, help="queries for recall@1 (one batch search)")
+    parser.add_argument("--timed-queries", type=int, default=400, help="queries sent one by one for QPS")
+    parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", choices=["clustered", "random"], default="clustered")
@@ -71,6 +163,9 @@ def main() -> None:
     parser.add_argument("--ef-construction", type=int, default=None)
     parser.add_argument("--hnsw-m", type=int, default=None)
     parser.add_argument("--nprobe", type=int, nargs="+", default=[None], help="IVF nprobe values to sweep")
+    parser.add_argument("--add-chunk", type=int, default=50_000, help="vectors per gallery.add call")
+    parser.add_argument("--insert-batch", type=int, default=5_000, help="Milvus: rows per insert call")
+    parser.add_argument("--milvus-uri", help="an existing Milvus server (default: a Milvus Lite server for this run)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
@@ -82,49 +177,45 @@ def main() -> None:
         sizes = sorted({min(s, len(pool)) for s in args.sizes})
         source = f"features {args.features}"
     else:
-        sizes = args.sizes
-        source = args.data
+        sizes, source = args.sizes, args.data
         if args.data == "clustered":
             source += f" ({args.clusters} clusters, spread {args.spread})"
-    print(f"data: {source}, dim {args.dim}, {args.queries} queries, top-{args.top_k}, {args.threads} threads\n")
-    header = "| n | index | params | build s | QPS | QPS / FLAT | recall@1 vs FLAT |"
-    print(header)
-    print("|---:|---|---|---:|---:|---:|---:|")
+    print(f"data: {source}, dim {args.dim}, {args.queries} recall queries, {args.timed_queries} timed queries, "
+          f"top-{args.top_k}, {args.threads} threads, backends {' '.join(args.backend)}\n")
+    print(f"| n | backend | index | params | build s | insert/s | QPS 1 | QPS {args.clients} | recall@1 |")
+    print("|---:|---|---|---|---:|---:|---:|---:|---:|")
 
-    for n in sizes:
-        if args.features:
-            gallery_x, queries = pool[:n], queries_all
-        else:
-            gallery_x, queries = make_data(args.data, n, args.queries, args.dim, args.clusters, args.spread, rng)
-        labels = [f"item{i}" for i in range(n)]
-        order = ["FLAT"] + [t for t in args.types if t.upper() != "FLAT"]  # FLAT first: it is the reference
-        exact_ids = exact_scores = flat_qps = None
-        for index_type in order:
-            params = {}
-            if index_type.upper().startswith("HNSW"):
-                if args.ef_construction:
-                    params["ef_construction"] = args.ef_construction
-                if args.hnsw_m:
-                    params["hnsw_m"] = args.hnsw_m
-            start = time.perf_counter()
-            gallery = Gallery.build(gallery_x, labels, index_type=index_type, num_threads=args.threads, **params)
-            build = time.perf_counter() - start
-            sweep = ([("ef_search", v) for v in args.ef_search] if index_type.upper().startswith("HNSW")
-                     else [("nprobe", v) for v in args.nprobe] if index_type.upper() == "IVF" else [(None, None)])
-            for name, value in sweep:
-                if name and value is not None:
-                    gallery.tune(**{name: value})
-                seconds = timed(lambda: gallery.search_arrays(queries, args.top_k))
-                scores, ids = gallery.search_arrays(queries, args.top_k)
-                qps = len(queries) / seconds
-                if exact_ids is None:
-                    exact_ids, exact_scores, flat_qps = ids[:, 0], scores[:, 0], qps
-                # a different id with the same score (a tie) still counts as correct
-                hit = (ids[:, 0] == exact_ids) | (scores[:, 0] >= exact_scores - 1e-6)
-                shown = {k: v for k, v in gallery.index_params.items() if k != "compact_fraction"}
-                print(f"| {n} | {gallery.index_type} | {', '.join(f'{k}={v}' for k, v in shown.items()) or '-'} "
-                      f"| {build:.2f} | {qps:,.0f} | {qps / flat_qps:.1f}x | {hit.mean():.3f} |", flush=True)
-            del gallery
+    with milvus_server(args.milvus_uri if "milvus" in args.backend else "unused", args.threads) as uri:
+        from visrec.index.milvus_store import MilvusSettings
+
+        settings = MilvusSettings(uri=uri, alias_prefix="bench", consistency_level="Bounded",
+                                  insert_batch=args.insert_batch)
+        for n in sizes:
+            if args.features:
+                gallery_x, queries = pool[:n], queries_all
+            else:
+                gallery_x, queries = make_data(args.data, n, args.queries, args.dim, args.clusters, args.spread, rng)
+            exact_ids, exact_scores = exact_top1(gallery_x, queries, args.threads)
+            timed = queries[: args.timed_queries]
+            for index_type in args.types:
+                for backend in args.backend:
+                    gallery, build_s, insert_rate = build(backend, index_type, gallery_x, args, settings)
+                    sweep = ([("ef_search", v) for v in args.ef_search] if index_type.upper().startswith("HNSW")
+                             else [("nprobe", v) for v in args.nprobe] if index_type.upper() == "IVF"
+                             else [(None, None)])
+                    for name, value in sweep:
+                        if name and value is not None:
+                            gallery.tune(**{name: value})
+                        scores, ids = gallery.search_arrays(queries, args.top_k)
+                        hit = (ids[:, 0] == exact_ids) | (scores[:, 0] >= exact_scores - 1e-5)
+                        search = lambda q: gallery.search_arrays(q, args.top_k)  # noqa: E731
+                        one, many = qps(search, timed, 1), qps(search, timed, args.clients)
+                        shown = {k: v for k, v in gallery.index_params.items() if k != "compact_fraction"}
+                        print(f"| {n:,} | {backend} | {gallery.index_type} | "
+                              f"{', '.join(f'{k}={v}' for k, v in shown.items()) or '-'} | {build_s:.1f} | "
+                              f"{insert_rate:,.0f} | {one:,.0f} | {many:,.0f} | {hit.mean():.3f} |", flush=True)
+                    gallery.release()
+                    del gallery
 
 
 if __name__ == "__main__":

@@ -139,7 +139,8 @@ def milvus_uri(tmp_path_factory):
         deadline = time.monotonic() + 60
         while True:
             if server.poll() is not None:
-                raise RuntimeError(f"Milvus Lite exited with {server.returncode}: {(data_dir.parent / 'server.log').read_text()}")
+                log_text = (data_dir.parent / "server.log").read_text()
+                raise RuntimeError(f"Milvus Lite exited with {server.returncode}: {log_text}")
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=1):
                     break

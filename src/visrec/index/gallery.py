@@ -132,8 +132,8 @@ class Gallery(GalleryBase):
     def info(self) -> dict[str, Any]:
         """A JSON-friendly summary (for logs, ``visrec gallery info`` and health endpoints)."""
         stats = self._backend.stats()
-        return {"index_type": self.index_type, "metric": "IP", "dim": self.dim, "count": len(self),
-                "next_id": self.next_id, "labels": len(self.labels()),
+        return {"backend": "faiss", "index_type": self.index_type, "metric": "IP", "dim": self.dim,
+                "count": len(self), "next_id": self.next_id, "labels": len(self.labels()),
                 "tombstones": stats.pop("tombstones", 0), "fingerprint": self.fingerprint,
                 "index_params": self.index_params, "version": self.version, "created": self.created,
                 "updated": self.updated, "path": str(self.path) if self.path else None,

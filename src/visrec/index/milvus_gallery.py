@@ -124,15 +124,18 @@ class MilvusGallery(GalleryBase):
     @staticmethod
     def _index_params(client, kind: str, params: dict[str, Any]):
         index = client.prepare_index_params()
-        build = {"HNSW32": {"M": int(params.get("hnsw_m", 32)), "efConstruction": int(params.get("ef_construction", 64))},
+        build = {"HNSW32": {"M": int(params.get("hnsw_m", 32)),
+                            "efConstruction": int(params.get("ef_construction", 64))},
                  "IVF": {"nlist": int(params.get("nlist") or DEFAULT_NLIST)}, "FLAT": {}}[kind]
         index.add_index(field_name="vector", index_type=MILVUS_INDEX[kind], metric_type="IP", params=build)
         return index
 
     @classmethod
-    def build(cls, vectors: Any, labels: Sequence[str] | str, metadata: Sequence[Mapping[str, Any] | None] | None = None,
-              *, index_type: str = "HNSW32", settings: store.MilvusSettings, fingerprint: str | None = None,
-              num_threads: int = 2, meta_extra: dict[str, Any] | None = None, **index_params: Any) -> MilvusGallery:
+    def build(cls, vectors: Any, labels: Sequence[str] | str,
+              metadata: Sequence[Mapping[str, Any] | None] | None = None, *, index_type: str = "HNSW32",
+              settings: store.MilvusSettings, fingerprint: str | None = None, num_threads: int = 2,
+              meta_extra: dict[str, Any] | None = None, **index_params: Any) -> MilvusGallery:
+        """:meth:`create` sized to ``vectors``, then one add."""
         dim = int(np.shape(vectors)[-1]) if np.ndim(vectors) >= 1 else 0
         gallery = cls.create(dim, index_type, settings=settings, fingerprint=fingerprint, num_threads=num_threads,
                              meta_extra=meta_extra, **index_params)
@@ -152,7 +155,8 @@ class MilvusGallery(GalleryBase):
         collection = store.resolve_alias(client, alias)
         if collection is None:
             raise GalleryNotFoundError(f"{root} names the Milvus alias {alias} at {uri}, which does not exist "
-                                       "(dropped, or another server?); rebuild the gallery (`visrec gallery build LIST`)")
+                                       "(dropped, or another server?); rebuild the gallery "
+                                       "(`visrec gallery build LIST`)")
         client.load_collection(collection)
         gallery = cls(client, settings, collection, store.read_meta(client, collection), alias=alias, path=root,
                       num_threads=num_threads)
@@ -344,6 +348,12 @@ class MilvusGallery(GalleryBase):
     def compact(self) -> None:
         """Nothing to do: Milvus compacts deleted rows out of its segments itself."""
 
+    def flush(self) -> None:
+        """Seal what was inserted into segments and index them now (Milvus otherwise does it in
+        the background); for timing a build, or before a bulk read."""
+        self._client.flush(self.collection)
+        self._client.load_collection(self.collection)
+
     # ----------------------------------------------------------------- search
     def _search_params(self, k: int) -> dict[str, Any]:
         if self.index_type == "HNSW32":
@@ -427,6 +437,11 @@ class MilvusGallery(GalleryBase):
         client = self._client
         self.revision += 1
         self.updated = now()
+        # A Strong read waits until the query nodes have applied every write so far; readers are
+        # told of this version only after it, so even a reader at Eventually/Session (which
+        # waits for nothing it did not write itself) finds the whole gallery, never half.
+        self._count = None
+        len(self)
         if alias == self.alias and store.resolve_alias(client, alias) == self.collection:
             store.write_meta(client, self.collection, self._meta())
         else:

@@ -34,7 +34,8 @@ MAX_LISTED_PROBLEMS = 5
 
 
 def change_gallery(path: str | Path, change: Callable[[GalleryBase], T], *, expected_fingerprint: str | None = None,
-                   num_threads: int = 2, after_save: Callable[[GalleryBase], None] | None = None) -> tuple[T, GalleryBase]:
+                   num_threads: int = 2,
+                   after_save: Callable[[GalleryBase], None] | None = None) -> tuple[T, GalleryBase]:
     """Apply ``change(gallery)`` to the gallery at ``path`` and publish the result as a new version.
 
     Load-change-save runs under the gallery's update lock; so does ``after_save(gallery)``, for
