@@ -2,7 +2,8 @@
 
 1. **Parity**: the pipeline's gallery served from Faiss, and a copy moved to Milvus with
    ``visrec gallery migrate --to milvus``: ``/recognize`` on the same query photos must give the
-   same labels and boxes, scores within ``--tolerance`` (1e-4).
+   same labels and boxes, scores within ``--tolerance`` (1e-4). Each engine builds its own HNSW
+   graph, so approximate neighbours can differ; ``--index-type FLAT`` compares exact searches.
 2. **Promotion under load** (Milvus): the service serves champion A; ``--clients`` clients send
    ``--requests`` ``/recognize`` requests while champion B (same models, a gallery without
    ``--drop-labels`` labels, so some answers differ) is published, moving the alias. Every answer
@@ -10,6 +11,7 @@
 
     make repro                                      # data/export, data/gallery, data/index
     .venv/bin/python bench/bench_backend_parity.py  # --photos 200 --requests 1000 --clients 8
+    .venv/bin/python bench/bench_backend_parity.py --index-type FLAT --skip-load
 
 Work files go to ``data/parity/`` (wiped at start). A Milvus Lite server is started on
 127.0.0.1 for the run (``--milvus-uri`` to use another server) and stopped at the end, as are the
@@ -114,10 +116,27 @@ def same_answer(a: list[dict], b: list[dict], tolerance: float) -> bool:
         for x, y in zip(a, b, strict=True))
 
 
+def copy_gallery(source: Path, target: Path, index_type: str | None) -> None:
+    """The pipeline's gallery, as it is or re-indexed as ``index_type`` (same ids, labels, vectors)."""
+    if index_type is None:
+        shutil.copytree(source, target, symlinks=True)
+        return
+    from visrec.index import Gallery
+
+    old = Gallery.load(source)
+    vectors = {int(i): v for ids, chunk in old.vector_chunks() for i, v in zip(ids, chunk, strict=True)}
+    if sorted(vectors) != list(range(old.next_id)):
+        raise SystemExit(f"{source} has gaps in its ids: re-indexing would renumber them; use its own index type")
+    new = Gallery.build([vectors[i] for i in range(old.next_id)], [old.label_of(i) for i in range(old.next_id)],
+                        [dict(old.metadata_of(i)) for i in range(old.next_id)], index_type=index_type,
+                        fingerprint=old.fingerprint, meta_extra=old.meta_extra)
+    new.save(target)
+
+
 def parity(args, work: Path, photos: list[Path], milvus_uri: str) -> dict:
     faiss_gallery, milvus_gallery = work / "faiss" / "gallery", work / "milvus" / "gallery"
-    shutil.copytree(REPO / "data" / "gallery", faiss_gallery, symlinks=True)
-    shutil.copytree(REPO / "data" / "gallery", milvus_gallery, symlinks=True)
+    copy_gallery(REPO / "data" / "gallery", faiss_gallery, args.index_type)
+    copy_gallery(REPO / "data" / "gallery", milvus_gallery, args.index_type)
     port = free_port()
     params = {name: write_params(work / f"params_{name}.yaml", work, gallery, milvus_uri, False, port)
               for name, gallery in (("faiss", faiss_gallery), ("milvus", milvus_gallery))}
@@ -232,6 +251,9 @@ def main() -> None:
     parser.add_argument("--load-photos", type=int, default=50, help="distinct photos cycled by the load phase")
     parser.add_argument("--drop-labels", type=int, default=10)
     parser.add_argument("--tolerance", type=float, default=1e-4)
+    parser.add_argument("--index-type", choices=["HNSW32", "IVF", "FLAT"],
+                        help="re-index the pipeline's gallery first (FLAT: exact search on both backends)")
+    parser.add_argument("--skip-load", action="store_true", help="only the parity part")
     parser.add_argument("--milvus-uri", help="an existing Milvus server (default: Milvus Lite started here)")
     args = parser.parse_args()
     queries = REPO / "data" / "index" / "queries.jsonl"
@@ -253,7 +275,9 @@ def main() -> None:
         uri = f"http://127.0.0.1:{port}"
     try:
         found = parity(args, work, photos, uri)
-        under_load = promotion_under_load(args, work, photos[: args.load_photos], found.pop("milvus_params"))
+        milvus_params = found.pop("milvus_params")
+        under_load = None if args.skip_load else promotion_under_load(args, work, photos[: args.load_photos],
+                                                                       milvus_params)
     finally:
         if server is not None:
             stop(server, signal.SIGINT)

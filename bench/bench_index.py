@@ -14,7 +14,8 @@ over a temporary data dir (``OMP_NUM_THREADS=--threads``), or the server ``--mil
 
 Columns: ``build s`` until the gallery is searchable with its index (Milvus: after a flush);
 ``insert/s`` vectors per second of the adds alone; ``QPS 1`` one client sending one query per
-request (the service's pattern); ``QPS N`` ``--clients`` such clients at once; ``recall@1`` the
+request (the service's pattern); ``QPS N`` ``--clients`` such clients at once (each over
+``--timed-queries`` queries or ``--qps-seconds``, whichever ends first); ``recall@1`` the
 share of queries whose top-1 is the exact top-1 (exact: a Faiss flat inner-product search;
 a tie in score counts as a hit). Data: ``random`` (i.i.d. directions, the hardest case for
 graph/IVF indexes) or ``clustered`` (``--clusters`` Gaussian clusters, closer to real
@@ -69,17 +70,24 @@ def exact_top1(gallery_x: np.ndarray, queries: np.ndarray, threads: int) -> tupl
     return ids[:, 0], scores[:, 0]
 
 
-def qps(search: Callable[[np.ndarray], object], queries: np.ndarray, clients: int) -> float:
-    """Queries per second with ``clients`` threads each sending one query per call."""
+def qps(search: Callable[[np.ndarray], object], queries: np.ndarray, clients: int, budget_s: float) -> float:
+    """Queries per second with ``clients`` threads each sending one query per call, over the
+    queries or until ``budget_s`` has passed (a slow engine is measured on fewer of them)."""
     search(queries[:1])  # warm-up
     start = time.perf_counter()
+
+    def one(q: np.ndarray) -> int:
+        if time.perf_counter() - start > budget_s:
+            return 0
+        search(q[None])
+        return 1
+
     if clients == 1:
-        for q in queries:
-            search(q[None])
+        done = sum(one(q) for q in queries)
     else:
         with ThreadPoolExecutor(clients) as pool:
-            list(pool.map(lambda q: search(q[None]), queries))
-    return len(queries) / (time.perf_counter() - start)
+            done = sum(pool.map(one, queries))
+    return done / (time.perf_counter() - start)
 
 
 @contextmanager
@@ -152,6 +160,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000, help="queries for recall@1 (one batch search)")
     parser.add_argument("--timed-queries", type=int, default=400, help="queries sent one by one for QPS")
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--qps-seconds", type=float, default=60.0, help="time budget of each QPS measurement")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", choices=["clustered", "random"], default="clustered")
@@ -209,7 +218,8 @@ def main() -> None:
                         scores, ids = gallery.search_arrays(queries, args.top_k)
                         hit = (ids[:, 0] == exact_ids) | (scores[:, 0] >= exact_scores - 1e-5)
                         search = lambda q: gallery.search_arrays(q, args.top_k)  # noqa: E731
-                        one, many = qps(search, timed, 1), qps(search, timed, args.clients)
+                        one = qps(search, timed, 1, args.qps_seconds)
+                        many = qps(search, timed, args.clients, args.qps_seconds)
                         shown = {k: v for k, v in gallery.index_params.items() if k != "compact_fraction"}
                         print(f"| {n:,} | {backend} | {gallery.index_type} | "
                               f"{', '.join(f'{k}={v}' for k, v in shown.items()) or '-'} | {build_s:.1f} | "
