@@ -98,6 +98,10 @@ def test_missing_alias_and_bad_settings_are_named(settings, tmp_path):
         open_gallery(tmp_path / "g")
     with pytest.raises(ValueError, match="alias_prefix"):
         MilvusSettings(uri=settings.uri, alias_prefix="9-bad")
+    with pytest.raises(ValueError, match=f"credentials.*{TOKEN_ENV}"):
+        MilvusSettings(uri="https://root:Milvus@milvus.example:19530")
+    with pytest.raises(ValueError, match=r"end in \.db"):
+        MilvusSettings(uri="data/milvus")
 
 
 def test_a_lite_data_dir_held_by_another_process_names_the_fix(tmp_path):

@@ -187,7 +187,7 @@ def gallery_env(request, exported_models, tiny_cub, tmp_path):
         from visrec.cli import app
 
         config = yaml.safe_load(params.read_text(encoding="utf-8"))
-        config["index"]["milvus"] = {"uri": request.getfixturevalue("milvus_uri")}
+        config["index"].update(backend="milvus", milvus={"uri": request.getfixturevalue("milvus_uri")})
         params.write_text(yaml.safe_dump(config), encoding="utf-8")
         faiss_hits = Gallery.load(gallery_path).search(Extractor(extractor_dir).embed(
             [load_image(items[0].path)]), top_k=len(items))[0]
@@ -239,6 +239,33 @@ def test_bad_image_refuses_the_whole_update(gallery_env):
         update_served_gallery(params, new_dir, label_file)
     assert gallery_version(gallery_path) == old_version
     assert len(open_gallery(gallery_path)) == before
+
+
+def test_a_rerun_build_adds_only_what_is_missing(gallery_env):
+    """Builds add a chunk at a time; an interrupted Milvus build is reopened by its key and the
+    rerun embeds only the entries it lacks (a Faiss build lives in memory: it starts over)."""
+    from visrec.config import load_config
+    from visrec.index.factory import create_gallery
+    from visrec.inference.gallery_ops import fill_gallery, items_from_list
+
+    params, _, new_dir, label_file, _ = gallery_env
+    cfg = load_config(params)
+    extractor = Extractor(cfg.recognition.extractor)
+    items = items_from_list(label_file, root=new_dir)
+
+    def gallery():
+        return create_gallery(cfg.index, extractor.dim, fingerprint=extractor.fingerprint, resume_key="rerun_test")
+
+    interrupted = gallery()
+    assert fill_gallery(interrupted, extractor, items[:1], progress=False, chunk=1) == 1
+    rerun = gallery()
+    added = fill_gallery(rerun, extractor, items, progress=False, chunk=2)
+    try:
+        assert added == (len(items) - 1 if cfg.index.backend == "milvus" else len(items))
+        assert len(rerun) == len(items) and sorted(m["path"] for _, _, m in rerun.entries()) == \
+            sorted(str(i.path) for i in items)
+    finally:
+        rerun.release()
 
 
 def test_a_failed_change_leaves_the_saved_gallery(gallery_env):

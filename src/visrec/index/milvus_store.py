@@ -60,6 +60,13 @@ class MilvusSettings:
             raise ValueError(f"index.milvus.keep_versions must be >= 1, got {self.keep_versions}")
         if self.insert_batch < 1:
             raise ValueError(f"index.milvus.insert_batch must be >= 1, got {self.insert_batch}")
+        if not is_server_uri(self.uri) and not self.uri.endswith(".db"):
+            raise ValueError(f"index.milvus.uri {self.uri!r} is neither a server URI (http://host:19530) nor a "
+                             "Milvus Lite data dir, whose name must end in .db (pymilvus opens Lite by that suffix)")
+        if is_server_uri(self.uri) and "@" in self.uri.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError("index.milvus.uri holds credentials (user:password@): they would be written to the "
+                             f"gallery's {POINTER_FILE} and shown by `visrec gallery info`; put them in "
+                             f"{TOKEN_ENV} (user:password or an API key) and give the bare URI")
 
     @classmethod
     def from_config(cls, milvus_cfg: Any) -> MilvusSettings:
