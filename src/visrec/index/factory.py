@@ -19,7 +19,7 @@ from typing import Any
 from visrec.index import milvus_store
 from visrec.index.faiss_index import index_params
 from visrec.index.gallery import Gallery
-from visrec.index.gallery_api import GalleryBase
+from visrec.index.gallery_api import GalleryBase, vectors_dim
 from visrec.index.gallery_store import update_lock
 
 __all__ = ["create_gallery", "gallery_from_vectors", "gallery_version", "is_milvus", "open_gallery", "update_lock"]
@@ -72,10 +72,7 @@ def gallery_from_vectors(index_cfg, vectors: Any, labels: Sequence[str] | str,
                   metadata: Sequence[Mapping[str, Any] | None] | None = None, *, fingerprint: str | None = None,
                   num_threads: int = 2, meta_extra: dict[str, Any] | None = None) -> GalleryBase:
     """:func:`create_gallery` sized to ``vectors``, then one add (an IVF Faiss index trains on it)."""
-    import numpy as np
-
-    dim = int(np.shape(vectors)[-1]) if np.ndim(vectors) >= 1 else 0
-    gallery = create_gallery(index_cfg, dim, fingerprint=fingerprint, num_threads=num_threads, meta_extra=meta_extra)
+    gallery = create_gallery(index_cfg, vectors_dim(vectors), fingerprint=fingerprint, num_threads=num_threads, meta_extra=meta_extra)
     gallery.add(vectors, labels, metadata)
     return gallery
 
@@ -94,13 +91,15 @@ def adopt_served_name(gallery: GalleryBase, path: str | Path, served_path: str |
     milvus_store.write_pointer(path, alias, gallery.settings)
 
 
-def copy_to_milvus(path: str | Path, settings: milvus_store.MilvusSettings, num_threads: int = 2) -> GalleryBase:
+def copy_to_milvus(path: str | Path, settings: milvus_store.MilvusSettings,
+                   num_threads: int = 2) -> tuple[GalleryBase, GalleryBase]:
     """Move the gallery at ``path`` from Faiss to Milvus: copy it (ids, labels, metadata, vectors,
     fingerprint, next id) into a new collection, publish that under the directory's served name,
     then write the directory's pointer, so whoever opens ``path`` from then on searches Milvus.
 
     The Faiss versions stay in the directory untouched: deleting ``milvus.json`` serves them
     again (without the changes made on Milvus since). Writers are held off by the update lock.
+    Returns the source (as it was copied) and the published Milvus gallery.
     """
     from visrec.index.milvus_gallery import MilvusGallery
 
@@ -114,4 +113,4 @@ def copy_to_milvus(path: str | Path, settings: milvus_store.MilvusSettings, num_
             target.release()
             raise RuntimeError(f"copied {len(target)} of {len(source)} entries into Milvus; nothing was switched")
         target.publish(path, milvus_store.alias_for(path, settings.alias_prefix))
-    return target
+    return source, target

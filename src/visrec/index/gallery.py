@@ -71,18 +71,6 @@ class Gallery(GalleryBase):
         backend = backend_class(index_type)(int(dim), dict(index_params))
         return cls(backend, fingerprint=fingerprint, num_threads=num_threads, meta_extra=meta_extra)
 
-    @classmethod
-    def build(cls, vectors: Any, labels: Sequence[str] | str,
-              metadata: Sequence[Mapping[str, Any] | None] | None = None, *, index_type: str = "HNSW32",
-              fingerprint: str | None = None, num_threads: int = 2,
-              meta_extra: dict[str, Any] | None = None, **index_params: Any) -> Gallery:
-        """Create a gallery sized to ``vectors`` and add them (IVF trains on exactly these)."""
-        dim = int(np.shape(vectors)[-1]) if np.ndim(vectors) >= 1 else 0
-        gallery = cls.create(dim, index_type, fingerprint=fingerprint, num_threads=num_threads,
-                             meta_extra=meta_extra, **index_params)
-        gallery.add(vectors, labels, metadata)
-        return gallery
-
     # ----------------------------------------------------------------- properties
     @property
     def dim(self) -> int:

@@ -60,6 +60,11 @@ def requested_ids(ids: Sequence[int] | int) -> set[int]:
     return {int(i) for i in requested.ravel()}
 
 
+def vectors_dim(vectors: Any) -> int:
+    """The width of a batch of vectors (0 for a scalar, which ``create`` then refuses by name)."""
+    return int(np.shape(vectors)[-1]) if np.ndim(vectors) >= 1 else 0
+
+
 def check_top_k(top_k: Any) -> int:
     if not isinstance(top_k, int | np.integer) or top_k < 1:
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
@@ -73,6 +78,17 @@ class GalleryBase(ABC):
     meta_extra: dict[str, Any]
     next_id: int
     version: str | None
+
+    @classmethod
+    def build(cls, vectors: Any, labels: Sequence[str] | str,
+              metadata: Sequence[Mapping[str, Any] | None] | None = None, *, index_type: str = "HNSW32",
+              **create_options: Any) -> GalleryBase:
+        """The backend's ``create`` sized to ``vectors``, then one add (an IVF Faiss index trains on
+        exactly these). ``create_options``: that ``create``'s keywords (``fingerprint``,
+        ``num_threads``, ``meta_extra``, index knobs; Milvus: ``settings``)."""
+        gallery = cls.create(vectors_dim(vectors), index_type, **create_options)
+        gallery.add(vectors, labels, metadata)
+        return gallery
 
     @property
     @abstractmethod

@@ -34,6 +34,7 @@ import numpy as np
 from visrec.index import milvus_store as store
 from visrec.index.faiss_index import backend_class
 from visrec.index.gallery_api import GalleryBase, Hit, check_top_k, requested_ids, unknown_ids_error
+from visrec.index import gallery_api, gallery_store
 from visrec.index.gallery_store import GalleryNotFoundError, now
 
 logger = logging.getLogger(__name__)
@@ -131,32 +132,18 @@ class MilvusGallery(GalleryBase):
         return index
 
     @classmethod
-    def build(cls, vectors: Any, labels: Sequence[str] | str,
-              metadata: Sequence[Mapping[str, Any] | None] | None = None, *, index_type: str = "HNSW32",
-              settings: store.MilvusSettings, fingerprint: str | None = None, num_threads: int = 2,
-              meta_extra: dict[str, Any] | None = None, **index_params: Any) -> MilvusGallery:
-        """:meth:`create` sized to ``vectors``, then one add."""
-        dim = int(np.shape(vectors)[-1]) if np.ndim(vectors) >= 1 else 0
-        gallery = cls.create(dim, index_type, settings=settings, fingerprint=fingerprint, num_threads=num_threads,
-                             meta_extra=meta_extra, **index_params)
-        gallery.add(vectors, labels, metadata)
-        return gallery
-
-    @classmethod
     def load(cls, path: str | Path, *, expected_fingerprint: str | None = None, expected_dim: int | None = None,
              num_threads: int = 2) -> MilvusGallery:
         """The gallery the alias in ``path/milvus.json`` names now (pinned to that collection)."""
         root = Path(path)
         if not store.has_pointer(root):
-            raise GalleryNotFoundError(f"no Milvus gallery at {root} (no {store.POINTER_FILE}); build one with "
-                                       "`visrec gallery build LIST`")
+            raise GalleryNotFoundError(f"no Milvus gallery at {root} (no {store.POINTER_FILE}); {gallery_store.BUILD_HINT}")
         uri, alias, settings = store.read_pointer(root)
         client = store.connect(uri)
         collection = store.resolve_alias(client, alias)
         if collection is None:
             raise GalleryNotFoundError(f"{root} names the Milvus alias {alias} at {uri}, which does not exist "
-                                       "(dropped, or another server?); rebuild the gallery "
-                                       "(`visrec gallery build LIST`)")
+                                       f"(dropped, or another server?); rebuild the gallery ({gallery_api.BUILD_HINT})")
         client.load_collection(collection)
         gallery = cls(client, settings, collection, store.read_meta(client, collection), alias=alias, path=root,
                       num_threads=num_threads)
@@ -272,6 +259,11 @@ class MilvusGallery(GalleryBase):
         if self._label_counts is not None:
             self._label_counts.update({label: sign * n for label, n in Counter(labels).items()})
 
+    def _delete(self, ids: Sequence[int]) -> None:
+        """Delete rows by id, a filter's worth at a time."""
+        for start in range(0, len(ids), _PAGE):
+            self._client.delete(self.collection, ids=list(ids[start:start + _PAGE]))
+
     def _insert(self, ids: Sequence[int], x: np.ndarray, labels: Sequence[str], metas: Sequence[dict]) -> None:
         """Insert in batches; a failed batch deletes the ones before it (all or nothing)."""
         done: list[int] = []
@@ -284,8 +276,7 @@ class MilvusGallery(GalleryBase):
                                                  metas[start:stop], strict=True)])
                 done += list(ids[start:stop])
         except BaseException:
-            if done:
-                self._client.delete(self.collection, ids=done)
+            self._delete(done)
             raise
 
     def add(self, vectors: Any, labels: Sequence[str] | str,
@@ -313,9 +304,7 @@ class MilvusGallery(GalleryBase):
         if unknown and not missing_ok:
             raise unknown_ids_error(unknown)
         if rows:
-            present = sorted(int(r["id"]) for r in rows)
-            for start in range(0, len(present), _PAGE):
-                self._client.delete(self.collection, ids=present[start:start + _PAGE])
+            self._delete(sorted(int(r["id"]) for r in rows))
             self._removed += rows
             self._counted([r["label"] for r in rows], -1)
         return len(rows)
@@ -327,9 +316,7 @@ class MilvusGallery(GalleryBase):
 
     def discard_changes(self) -> None:
         """Undo the adds and removals since the last load / save (the ids stay used)."""
-        if self._added:
-            for start in range(0, len(self._added), _PAGE):
-                self._client.delete(self.collection, ids=self._added[start:start + _PAGE])
+        self._delete(self._added)
         if self._removed:
             for start in range(0, len(self._removed), self.settings.insert_batch):
                 self._client.upsert(self.collection, [{**row, "vector": list(row["vector"])} for row in
@@ -445,15 +432,11 @@ class MilvusGallery(GalleryBase):
         if alias == self.alias and store.resolve_alias(client, alias) == self.collection:
             store.write_meta(client, self.collection, self._meta())
         else:
-            if self.alias is None:  # a new gallery: its staging collection becomes the next version
-                name = store.next_version_name(client, alias)
-                client.rename_collection(self.collection, name)
-                self.collection = name
-            else:  # published under another name (or superseded): publish a copy
-                copy = self.working_copy()
-                name = store.next_version_name(client, alias)
-                client.rename_collection(copy.collection, name)
-                self.collection = name
+            # A new gallery's staging collection becomes the next version; a gallery published
+            # under another name (or superseded) publishes a copy.
+            staged = self.collection if self.alias is None else self.working_copy().collection
+            self.collection = store.next_version_name(client, alias)
+            client.rename_collection(staged, self.collection)
             store.write_meta(client, self.collection, self._meta())
             client.load_collection(self.collection)
             store.write_pointer(root, alias, self.settings)

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from visrec.config import MilvusConfig
 from visrec.index.gallery_store import MILVUS_POINTER
 
 logger = logging.getLogger(__name__)
@@ -42,15 +43,10 @@ _clients: dict[str, Any] = {}
 _clients_lock = threading.Lock()
 
 
-@dataclass(frozen=True)
-class MilvusSettings:
-    """How to reach Milvus and how galleries behave there (params ``index.milvus``)."""
-
-    uri: str = "data/milvus.db"
-    alias_prefix: str = "visrec"
-    consistency_level: str = "Session"
-    keep_versions: int = 2
-    insert_batch: int = 2000
+@dataclass
+class MilvusSettings(MilvusConfig):
+    """How to reach Milvus and how galleries behave there: params ``index.milvus``
+    (:class:`~visrec.config.MilvusConfig`, whose fields and defaults it inherits), checked."""
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.alias_prefix):
@@ -69,9 +65,8 @@ class MilvusSettings:
                              f"{TOKEN_ENV} (user:password or an API key) and give the bare URI")
 
     @classmethod
-    def from_config(cls, milvus_cfg: Any) -> MilvusSettings:
-        return cls(milvus_cfg.uri, milvus_cfg.alias_prefix, milvus_cfg.consistency_level,
-                   milvus_cfg.keep_versions, milvus_cfg.insert_batch)
+    def from_config(cls, milvus_cfg: MilvusConfig) -> MilvusSettings:
+        return cls(**asdict(milvus_cfg))
 
 
 def is_server_uri(uri: str) -> bool:
@@ -87,9 +82,9 @@ def connect(uri: str):
     # Milvus Lite 3.2 returns no MVCC timestamp to iterators; pymilvus then warns on every page
     # and uses its own timestamp, which is right for a single-node engine. (Set after pymilvus's
     # import, which configures its loggers.)
-    logging.getLogger("pymilvus.client.iterator.query_iterator").setLevel(logging.ERROR)
     with _clients_lock:
         if uri not in _clients:
+            logging.getLogger("pymilvus.client.iterator.query_iterator").setLevel(logging.ERROR)
             try:
                 _clients[uri] = MilvusClient(uri=uri, token=os.environ.get(TOKEN_ENV, ""))
             except MilvusException as exc:

@@ -146,9 +146,10 @@ def entry_key(label: str, metadata: dict[str, Any]) -> str:
 
 def fill_gallery(gallery: GalleryBase, extractor: Extractor, items: Sequence[GalleryItem], batch_size: int = 64,
                  progress: bool = True, views: Sequence[str] | None = None, detector: Detector | None = None,
-                 chunk: int = STREAM_CHUNK) -> int:
+                 chunk: int | None = STREAM_CHUNK) -> int:
     """Embed ``items`` (each as its ``views``, if given) and add them to ``gallery`` a chunk at a
-    time (bounded memory, one progress bar); returns how many entries were added.
+    time (bounded memory, one progress bar; ``chunk=None``: one add of everything); returns how
+    many entries were added.
 
     Resumable: entries the gallery already holds (same label, image, view and box; e.g. a
     Milvus build interrupted and reopened) are skipped, so a rerun adds only what is missing.
@@ -161,8 +162,9 @@ def fill_gallery(gallery: GalleryBase, extractor: Extractor, items: Sequence[Gal
     if done:
         logger.info("resuming a gallery build: %d of %d entries already present", len(items) - len(todo), len(items))
     with tqdm(total=len(todo), desc="embedding gallery", unit="img", disable=not progress, leave=False) as bar:
-        for start in range(0, len(todo), chunk):
-            part = todo[start:start + chunk]
+        step = chunk or max(len(todo), 1)
+        for start in range(0, len(todo), step):
+            part = todo[start:start + step]
             vectors = embed_items(extractor, part, batch_size, progress=False)
             gallery.add(vectors, [i.label for i in part], [item_metadata(i) for i in part])
             bar.update(len(part))
@@ -179,7 +181,7 @@ def build_gallery(extractor: Extractor, items: Sequence[GalleryItem], index_type
     gallery = Gallery.create(extractor.dim, index_type, fingerprint=extractor.fingerprint, num_threads=num_threads,
                              meta_extra=meta_extra, **index_params)
     fill_gallery(gallery, extractor, items, batch_size, progress, views, detector,
-                 chunk=max(len(items) * len(views or [None]), 1))  # one add: IVF trains on all of it
+                 chunk=None)  # one add: IVF trains on all of it
     return gallery
 
 

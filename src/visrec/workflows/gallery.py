@@ -63,13 +63,13 @@ def change_gallery(path: str | Path, change: Callable[[GalleryBase], T], *, expe
 def migrate_gallery(cfg: Config, path: str | Path) -> dict[str, Any]:
     """``visrec gallery migrate --to milvus``: the Faiss gallery at ``path`` copied into Milvus
     (params ``index.milvus``) and served from there (:func:`visrec.index.factory.copy_to_milvus`)."""
-    source = open_gallery(path, num_threads=cfg.recognition.num_threads).info()
-    target = copy_to_milvus(path, MilvusSettings.from_config(cfg.index.milvus), cfg.recognition.num_threads)
+    source, target = copy_to_milvus(path, MilvusSettings.from_config(cfg.index.milvus), cfg.recognition.num_threads)
     info = target.info()
     logger.info("migrated gallery %s to Milvus: %d entries, alias %s -> %s", path, len(target), info["alias"],
                 info["collection"])
     return {"gallery": str(path), "entries": len(target), "next_id": target.next_id,
-            "fingerprint": target.fingerprint, "from": {k: source[k] for k in ("index_type", "version", "count")},
+            "fingerprint": target.fingerprint,
+            "from": {"index_type": source.index_type, "version": source.version, "count": len(source)},
             "to": {k: info[k] for k in ("uri", "alias", "collection", "version", "index_type")}}
 
 
