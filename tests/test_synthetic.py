@@ -10,13 +10,9 @@ import pytest
 
 from visrec.config import ConfigError, SyntheticConfig
 from visrec.data.cub import CUB_DIRNAME, check_layout
-from visrec.data.synthetic import (
-    generate,
-    instance_rng,
-    make_recipes,
-    mask_box,
-    render_instance,
-)
+from visrec.data.synthetic import generate
+from visrec.data.synthetic.recipes import make_recipes
+from visrec.data.synthetic.render import instance_rng, mask_box, render_instance
 
 TINY = SyntheticConfig(num_classes=4, images_per_class=3, image_size=64, seed=0,
                        occlusion_prob=0.5, clutter_shapes=6, workers=1)
