@@ -17,15 +17,13 @@ from recipes import scratch
 from visrec.config import DetectorConfig, config_from_dict
 from visrec.imaging import ImageReadError, load_image
 from visrec.data.det_dataset import (
-    CropKeepingBoxes,
     DetectionDataError,
     DetectionDataset,
     EpochShuffleBatchSampler,
-    HorizontalFlip,
-    ResizeToInput,
     collate_detection,
     read_coco,
 )
+from visrec.data.det_transforms import CropKeepingBoxes, HorizontalFlip, ResizeToInput
 from visrec.imaging import ResizeInfo, resize_geometry, resize_to_input
 from visrec.inference.detection_post import box_iou, nms, postprocess
 from visrec.inference.detector_runtime import Detector, dygraph_predict_fn, export_detector, split_outputs
