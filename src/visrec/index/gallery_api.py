@@ -14,6 +14,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -78,6 +79,7 @@ class GalleryBase(ABC):
     meta_extra: dict[str, Any]
     next_id: int
     version: str | None
+    path: Path | None  # the gallery root it was loaded from or last saved to; None for one never saved
 
     @classmethod
     def build(cls, vectors: Any, labels: Sequence[str] | str,
@@ -132,14 +134,17 @@ class GalleryBase(ABC):
         caller's temporary directory, nothing to do; Milvus: the alias moves back."""
 
     def check_expected(self, where: object, expected_fingerprint: str | None, expected_dim: int | None) -> None:
-        """Refuse a gallery of another extractor (fingerprint) or another embedding size."""
+        """Refuse a gallery of another extractor (fingerprint) or another embedding size; ``where``
+        names the gallery in the message (None: one never saved). The one check for loading a
+        gallery, pairing it with an extractor, and adding an extractor's vectors to it."""
+        gallery = "the gallery" if where is None else f"gallery {where}"
         if expected_fingerprint is not None and self.fingerprint != expected_fingerprint:
             raise GalleryMismatchError(
-                f"gallery {where} was built by extractor {self.fingerprint or '<unknown>'} but the current "
+                f"{gallery} was built by extractor {self.fingerprint or '<unknown>'} but the current "
                 f"extractor is {expected_fingerprint}; features are not comparable, rebuild the gallery "
                 f"with the current extractor ({BUILD_HINT})")
         if expected_dim is not None and self.dim != expected_dim:
-            raise GalleryMismatchError(f"gallery {where} has dim {self.dim} but the extractor produces "
+            raise GalleryMismatchError(f"{gallery} has dim {self.dim} but the extractor produces "
                                        f"dim {expected_dim}; rebuild the gallery ({BUILD_HINT})")
 
     # ----------------------------------------------------------------- validation

@@ -191,11 +191,6 @@ def add_items(gallery: GalleryBase, extractor: Extractor, items: Sequence[Galler
     """Embed ``items`` (each as its ``views``, if given) and add them; nothing is added unless every image embeds."""
     if views:
         items = expand_views(items, views, detector)
-    if gallery.fingerprint and gallery.fingerprint != extractor.fingerprint:
-        from visrec.index.gallery import GalleryMismatchError
-
-        raise GalleryMismatchError(
-            f"the gallery was built by extractor {gallery.fingerprint} but the loaded extractor is "
-            f"{extractor.fingerprint}: rebuild the gallery (`visrec gallery build LIST`)")
+    gallery.check_expected(gallery.path, extractor.fingerprint, None)  # dim: gallery.add checks the vectors
     vectors = embed_items(extractor, items, batch_size, progress, desc="embedding new images")
     return gallery.add(vectors, [i.label for i in items], [item_metadata(i) for i in items])

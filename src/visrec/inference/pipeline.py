@@ -77,8 +77,7 @@ class RecognitionSystem:
         # Only the post-processing knobs are read here; the model paths were used to load.
         self.settings = settings or RecognitionConfig()
         self.timings = Timings()
-        self.gallery = gallery
-        self._check_gallery(gallery)
+        self.set_gallery(gallery)
 
     # ------------------------------------------------------------------ construction
 
@@ -92,21 +91,9 @@ class RecognitionSystem:
                                    num_threads=rec_cfg.num_threads)
         return cls(extractor, gallery, detector, rec_cfg)
 
-    def _check_gallery(self, gallery: GalleryBase) -> None:
-        fingerprint = gallery.fingerprint
-        if fingerprint and fingerprint != self.extractor.fingerprint:
-            from visrec.index.gallery_api import GalleryMismatchError
-
-            raise GalleryMismatchError(
-                f"the gallery was built by extractor {fingerprint} but the loaded extractor is "
-                f"{self.extractor.fingerprint}: rebuild the gallery (`visrec gallery build LIST`)")
-        if gallery.dim != self.extractor.dim:
-            raise ValueError(f"the gallery holds {gallery.dim}-d vectors but the extractor makes "
-                             f"{self.extractor.dim}-d ones: rebuild the gallery")
-
     def set_gallery(self, gallery: GalleryBase) -> None:
         """Swap in another gallery (e.g. after an update); checked against the extractor first."""
-        self._check_gallery(gallery)
+        gallery.check_expected(gallery.path, self.extractor.fingerprint, self.extractor.dim)
         self.gallery = gallery
 
     @property
