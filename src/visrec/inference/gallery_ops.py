@@ -139,8 +139,8 @@ def item_metadata(item: GalleryItem) -> dict[str, Any]:
 STREAM_CHUNK = 4096
 
 
-def entry_key(label: str, metadata: dict[str, Any]) -> str:
-    """What identifies a gallery entry across builds: its image, view, box and label."""
+def labelled_view_key(label: str, metadata: dict[str, Any]) -> str:
+    """What identifies a gallery entry across builds: its label, image, view and box."""
     return json.dumps([label, metadata.get("path"), metadata.get("view"), metadata.get("box")], ensure_ascii=False)
 
 
@@ -157,8 +157,8 @@ def fill_gallery(gallery: GalleryBase, extractor: Extractor, items: Sequence[Gal
     if views:
         items = expand_views(items, views, detector)
     check_files(items)
-    done = {entry_key(label, meta) for _, label, meta in gallery.entries()} if len(gallery) else set()
-    todo = [item for item in items if entry_key(item.label, item_metadata(item)) not in done]
+    done = {labelled_view_key(label, meta) for _, label, meta in gallery.entries()} if len(gallery) else set()
+    todo = [item for item in items if labelled_view_key(item.label, item_metadata(item)) not in done]
     if done:
         logger.info("resuming a gallery build: %d of %d entries already present", len(items) - len(todo), len(items))
     with tqdm(total=len(todo), desc="embedding gallery", unit="img", disable=not progress, leave=False) as bar:

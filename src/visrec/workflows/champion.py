@@ -90,7 +90,9 @@ def served_recognition(cfg: Config, base: str | Path = ".") -> tuple[Recognition
 # ----------------------------------------------------------------------------- publishing
 
 
-def _entry_key(label: str, metadata: dict[str, Any]) -> str:
+def _image_label_key(label: str, metadata: dict[str, Any]) -> str:
+    """An entry's image path and label, as ``base_entries.json`` keeps them (``path<TAB>label``;
+    the views of one image share a key). Files already published are read with it: keep the format."""
     return f"{metadata.get('path', '')}\t{label}"
 
 
@@ -106,12 +108,13 @@ def _carry_over(candidate, old_root: Path, extractor, batch_size: int) -> dict[s
     base_file = old_root / BASE_ENTRIES_FILE
     old_base = set(json.loads(base_file.read_text(encoding="utf-8"))) if base_file.is_file() else set()
     old_live = open_gallery(old_root / "gallery")
-    live_keys = {_entry_key(label, meta) for _, label, meta in _entries(old_live)}
+    live_keys = {_image_label_key(label, meta) for _, label, meta in _entries(old_live)}
     removed = old_base - live_keys
-    drop = [i for i, label, meta in _entries(candidate) if _entry_key(label, meta) in removed]
+    drop = [i for i, label, meta in _entries(candidate) if _image_label_key(label, meta) in removed]
     if drop:
         candidate.remove(drop)
-    additions = [(label, meta) for _, label, meta in _entries(old_live) if _entry_key(label, meta) not in old_base]
+    additions = [(label, meta) for _, label, meta in _entries(old_live)
+                 if _image_label_key(label, meta) not in old_base]
     usable = [(label, meta) for label, meta in additions if meta.get("path") and Path(meta["path"]).is_file()]
     lost = [f"{meta.get('path') or '<no stored image>'} ({label})" for label, meta in additions
             if (label, meta) not in usable]
@@ -164,7 +167,7 @@ def publish_champion(export_dir: str | Path, gallery_dir: str | Path, champion_r
             # A working copy: carrying changes over must not touch the candidate (a Milvus write goes through).
             gallery = open_gallery(gallery_dir, expected_fingerprint=extractor.fingerprint,
                                    num_threads=num_threads).working_copy()
-            base_keys = sorted({_entry_key(label, meta) for _, label, meta in _entries(gallery)})
+            base_keys = sorted({_image_label_key(label, meta) for _, label, meta in _entries(gallery)})
             carried = _carry_over(gallery, old_root, extractor, batch_size) if old_root is not None else {}
             (tmp / BASE_ENTRIES_FILE).write_text(json.dumps(base_keys, ensure_ascii=False) + "\n", encoding="utf-8")
             full_record = {**record, "name": name, "previous": old_name,
