@@ -1,0 +1,4 @@
+"""Entry points that run other systems' servers on this machine, without importing them.
+
+* :mod:`~visrec.orchestration.supervisor`   start commands in one process group, stop every process they left
+"""
