@@ -1,7 +1,10 @@
-"""The process supervisor (visrec.orchestration.supervisor) on real child processes."""
+"""The supervisor behind `make airflow` (visrec.orchestration.supervisor) on real child processes,
+and the Airflow launcher's settings. The launcher with Airflow itself:
+tests/integration/test_airflow_launcher.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +14,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from visrec.orchestration.airflow_local import airflow_env, client_url, login_lines
 
 CHILD = Path(__file__).with_name("supervised_child.py")
 # The supervisor as the launcher runs it: a server stopped last, an obedient command that leaves
@@ -110,3 +115,29 @@ def test_a_command_that_exits_stops_the_others(driver):
     assert not [name for name, pid in d.pids.items() if alive(pid)]
     assert "stubborn exited with code 3" in d.output.read_text()
 
+
+def test_airflow_env_binds_to_the_given_host_and_keeps_deliberate_settings(tmp_path):
+    base = {"PATH": "/usr/bin", "AIRFLOW_HOME": "/elsewhere", "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+            "AIRFLOW__CORE__PARALLELISM": "7", "VISREC_REPO": "/data/repo"}
+    env = airflow_env(base, tmp_path / "repo", tmp_path / "home", port=18080)
+    assert env["AIRFLOW_HOME"] == str(tmp_path / "home")  # the launcher's own settings win
+    assert env["AIRFLOW__CORE__DAGS_FOLDER"] == str(tmp_path / "repo" / "dags")
+    assert env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
+    assert (env["AIRFLOW__API__HOST"], env["AIRFLOW__API__PORT"]) == ("127.0.0.1", "18080")
+    assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://127.0.0.1:18080/execution/"
+    assert env["AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_HOST"] == "127.0.0.1"
+    assert env["AIRFLOW__CORE__PARALLELISM"] == "7" and env["VISREC_REPO"] == "/data/repo"  # the user's
+
+    env = airflow_env({"PATH": "/usr/bin"}, tmp_path / "repo", tmp_path / "home", host="0.0.0.0")
+    assert env["AIRFLOW__API__HOST"] == "0.0.0.0"
+    assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://127.0.0.1:8080/execution/"
+    assert env["AIRFLOW__CORE__PARALLELISM"] == str(len(os.sched_getaffinity(0)))
+    assert env["VISREC_REPO"] == str(tmp_path / "repo")
+    assert client_url("::1", 8080) == "http://[::1]:8080"
+
+
+def test_login_lines_read_the_generated_passwords(tmp_path):
+    env = {"AIRFLOW_HOME": str(tmp_path)}
+    assert "no generated passwords" in login_lines(env)[0]
+    (tmp_path / "simple_auth_manager_passwords.json.generated").write_text(json.dumps({"admin": "s3cret"}))
+    assert login_lines(env)[0].startswith("login: admin / s3cret ")
