@@ -5,7 +5,7 @@
 #   make serve   the BentoML recognition service on 127.0.0.1:3000
 #   make bento   build the Bento (service + models + gallery) into $(BENTOML_HOME) (default ~/bentoml)
 #   make mlflow-ui  the MLflow UI on 127.0.0.1:5000 over the stages' tracked runs (mlruns.db)
-#   make airflow    Airflow standalone on 127.0.0.1:8080 with dags/ (retraining, gallery updates)
+#   make airflow    Airflow 3 on 127.0.0.1:8080 with dags/ (retraining, gallery updates), nothing on other interfaces
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 UV_VERSION := 0.13.8
@@ -59,23 +59,19 @@ bento: env $(UV)
 mlflow-ui: env
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns.db --host 127.0.0.1 --port 5000
 
-# Airflow 3 (scheduler, API server and UI on 127.0.0.1:8080) over this repo's dags/; its state
-# lives in airflow_home/ (git-ignored). The login is printed at start-up. DAGs start PAUSED
-# (Airflow's default, kept on purpose: a retraining is a heavy job): the line printed first
-# says how to unpause the weekly retraining. LocalExecutor runs at most one task per core
-# (Airflow's default is 32 worker processes). The whole process group is stopped on
-# Ctrl-C / SIGTERM (TERM, then KILL after 10 s): `airflow standalone` alone leaves its
-# children running.
+# Airflow 3 over this repo's dags/ (python -m visrec.orchestration.airflow_local): db migrate, then
+# the API server and UI on $(AIRFLOW_HOST):$(AIRFLOW_PORT), the scheduler, the dag-processor and the
+# triggerer, in one process group; no other listener (no log servers: the API server reads task
+# logs from airflow_home/logs). State in airflow_home/ (git-ignored). It prints first how to unpause
+# the weekly retraining (DAGs start PAUSED, Airflow's default, kept on purpose: a retraining is a
+# heavy job), then the login. LocalExecutor runs at most one task per core. Ctrl-C / SIGTERM stops
+# every process it started (TERM, KILL after 10 s; the API server last).
+# `make airflow AIRFLOW_HOST=0.0.0.0` opens the UI to the network, deliberately.
+AIRFLOW_HOST ?= 127.0.0.1
+AIRFLOW_PORT ?= 8080
 airflow: env
-	@echo "make airflow: DAGs start paused; to run the weekly retraining: AIRFLOW_HOME=$(CURDIR)/airflow_home $(VENV)/bin/airflow dags unpause visrec_retrain"
-	@export AIRFLOW_HOME=$(CURDIR)/airflow_home AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
-	  AIRFLOW__CORE__LOAD_EXAMPLES=False AIRFLOW__API__HOST=127.0.0.1 AIRFLOW__API__PORT=8080 \
-	  AIRFLOW__CORE__PARALLELISM=$$(nproc) AIRFLOW__SCHEDULER__MAX_TIS_PER_QUERY=0 \
-	  VISREC_REPO=$(CURDIR); \
-	setsid airflow standalone & pid=$$!; \
-	stop() { kill -TERM -- -$$pid 2>/dev/null; for _ in $$(seq 20); do kill -0 -- -$$pid 2>/dev/null || exit 0; sleep 0.5; done; \
-	         kill -KILL -- -$$pid 2>/dev/null; exit 0; }; \
-	trap stop TERM INT HUP; wait $$pid
+	exec python -m visrec.orchestration.airflow_local --repo $(CURDIR) --home $(CURDIR)/airflow_home \
+	  --host $(AIRFLOW_HOST) --port $(AIRFLOW_PORT)
 
 # On-demand benchmarks (not part of `make test`); bench_recognition needs `make repro` first.
 bench: env
