@@ -107,7 +107,8 @@ def detector_ap(rec, meta, queries, cub_dir: Path, progress: bool) -> dict:
     # the detector's own max_det (model.json), every score: AP needs the whole ranking
     from visrec.inference.detector_runtime import Detector
 
-    detector = Detector(rec.detector, backend=rec.backend, num_threads=rec.num_threads, score_threshold=0.0)
+    detector = Detector(rec.detector, backend=rec.backend, num_threads=rec.num_threads, score_threshold=0.0,
+                        box_scale=rec.det_box_scale)
     coco, _ = coco_for(meta, [image for image, _ in queries])
     detections = {}
     for start in tqdm(range(0, len(queries), 32), desc="detector AP", disable=not progress, leave=False):

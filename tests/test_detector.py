@@ -267,6 +267,20 @@ def test_postprocess_maps_boxes_back_to_original_coordinates(policy):
     np.testing.assert_allclose(far, [0, 0, 200, 100])
 
 
+def test_postprocess_box_scale_grows_boxes_about_their_centres_within_the_image():
+    info = ResizeInfo(1.0, 1.0, 0.0, 0.0, 100, 100)
+    boxes = np.array([[[40.0, 40.0, 60.0, 50.0], [0.0, 80.0, 20.0, 100.0]]], np.float32)
+    scores = np.array([[0.9, 0.8]], np.float32)
+    (plain,) = postprocess(boxes, scores, [info], score_threshold=0.5, nms_iou=0.5, max_det=5)
+    (grown,) = postprocess(boxes, scores, [info], score_threshold=0.5, nms_iou=0.5, max_det=5, box_scale=1.5)
+    np.testing.assert_allclose(plain[:, :4], boxes[0])
+    np.testing.assert_allclose(grown[0, :4], [35.0, 37.5, 65.0, 52.5])  # 1.5x the width and height, same centre
+    np.testing.assert_allclose(grown[1, :4], [0.0, 75.0, 25.0, 100.0])  # clipped at the image border
+    np.testing.assert_allclose(grown[:, 4], plain[:, 4])
+    with pytest.raises(ValueError, match="box_scale"):
+        postprocess(boxes, scores, [info], score_threshold=0.5, nms_iou=0.5, max_det=5, box_scale=0.0)
+
+
 def test_nms_keeps_the_best_of_overlapping_boxes_and_max_det():
     boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60], [0, 0, 10, 10.5], [30, 0, 40, 10]],
                      dtype=np.float32)

@@ -43,14 +43,26 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, max_keep: i
     return np.asarray(keep, dtype=np.int64)
 
 
+def scale_boxes(boxes: np.ndarray, factor: float) -> np.ndarray:
+    """``x1 y1 x2 y2`` boxes with width and height times ``factor``, same centres."""
+    if factor == 1.0:
+        return boxes
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]) * (factor / 2)
+    return np.concatenate([centre - half, centre + half], axis=1).astype(boxes.dtype)
+
+
 def postprocess(boxes: np.ndarray, scores: np.ndarray, infos: Sequence[ResizeInfo],
                 score_threshold: float, nms_iou: float, max_det: int,
-                pre_nms_top_k: int = 100) -> list[np.ndarray]:
+                pre_nms_top_k: int = 100, box_scale: float = 1.0) -> list[np.ndarray]:
     """Dense outputs of a batch -> per image ``[K, 5]`` arrays ``x1 y1 x2 y2 score``.
 
     ``boxes`` [N, P, 4] in network-input pixels, ``scores`` [N, P]; ``infos`` map each
-    image back to its original coordinates. K <= ``max_det``, best score first.
+    image back to its original coordinates. K <= ``max_det``, best score first. Each box is
+    grown by ``box_scale`` about its centre (then clipped to the image).
     """
+    if not box_scale > 0:
+        raise ValueError(f"box_scale must be > 0, got {box_scale}")
     boxes = np.asarray(boxes, dtype=np.float32)
     scores = np.asarray(scores, dtype=np.float32)
     if boxes.ndim != 3 or boxes.shape[-1] != 4 or scores.shape != boxes.shape[:2]:
@@ -63,7 +75,7 @@ def postprocess(boxes: np.ndarray, scores: np.ndarray, infos: Sequence[ResizeInf
         if idx.size > pre_nms_top_k:
             idx = idx[np.argsort(-img_scores[idx], kind="stable")[:pre_nms_top_k]]
         # NMS in original coordinates: clipping there is what the user sees.
-        cand = info.to_original(img_boxes[idx])
+        cand = info.to_original(scale_boxes(img_boxes[idx], box_scale))
         valid = (cand[:, 2] > cand[:, 0]) & (cand[:, 3] > cand[:, 1])
         cand, cand_scores = cand[valid], img_scores[idx][valid]
         keep = nms(cand, cand_scores, nms_iou, max_keep=max_det)

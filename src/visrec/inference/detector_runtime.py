@@ -111,7 +111,8 @@ class Detector:
     """An exported detector + its preprocessing (from ``model.json``) + the shared post-processing."""
 
     def __init__(self, model_dir: str | Path, backend: Backend = "paddle", num_threads: int = 2,
-                 batch_size: int = 16, score_threshold: float | None = None, max_det: int | None = None):
+                 batch_size: int = 16, score_threshold: float | None = None, max_det: int | None = None,
+                 box_scale: float = 1.0):
         self.meta = read_model_json(model_dir)
         if self.meta.get("kind") != "detector":
             raise ValueError(f"{model_dir} holds a {self.meta.get('kind')!r} model, not a detector: "
@@ -121,6 +122,9 @@ class Detector:
         self.batch_size = max(1, int(batch_size))
         self.score_threshold = float(self.meta["score_threshold"] if score_threshold is None else score_threshold)
         self.max_det = int(self.meta["max_det"] if max_det is None else max_det)
+        if not float(box_scale) > 0:
+            raise ValueError(f"box_scale must be > 0 (recognition.det_box_scale), got {box_scale}")
+        self.box_scale = float(box_scale)
 
     @property
     def fingerprint(self) -> str:
@@ -141,7 +145,7 @@ class Detector:
     def postprocess(self, boxes: np.ndarray, scores: np.ndarray, infos: Sequence[ResizeInfo]) -> list[np.ndarray]:
         m = self.meta
         return postprocess(boxes, scores, infos, self.score_threshold, float(m["nms_iou"]), self.max_det,
-                           int(m.get("pre_nms_top_k", 100)))
+                           int(m.get("pre_nms_top_k", 100)), self.box_scale)
 
     def detect_arrays(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Per image a ``[K, 5]`` array ``x1 y1 x2 y2 score`` in original pixels."""
