@@ -425,6 +425,10 @@ def main() -> None:
     export = work / "visrec_export"
     results: dict[str, dict] = {}
 
+    def save(complete: bool = False) -> None:  # after every step: a late failure keeps what was measured
+        (work / "results.json").write_text(json.dumps({"commits": commits, "settings": asdict(s), "results": results,
+                                                       "complete": complete}, indent=1, default=str) + "\n")
+
     print("1/5 training", flush=True)
     trained = {}
 
@@ -438,6 +442,7 @@ def main() -> None:
     export_extractor(trained["model"], model_config(cfg.extractor, data["train_classes"]), export, onnx=False)
     peer_weights = results["train"]["paddleclas"][0]["weights"]
 
+    save()
     print("2/5 evaluation", flush=True)
     npz = work / "visrec_embeddings.npz"
     results["eval"] = alternate("evaluation", s.repeats, lambda r: visrec_eval(export, cub, lists, s, npz),
@@ -447,12 +452,14 @@ def main() -> None:
     results["crosscheck_synthetic"] = {"visrec": synthetic_embeddings(synthetic, saved["labels"], saved["ids"]),
                                        "paddleclas": peer("crosscheck", npz=str(synthetic))}
 
+    save()
     print("3/5 inference", flush=True)
     infer = data["infer"]
     results["infer"] = alternate("inference", s.repeats, lambda r: visrec_infer(export, infer, s),
                                  lambda r: peer("infer", model=str(export), images=infer,
                                                 infer_images=s.infer_images))
 
+    save()
     print("4/5 gallery building", flush=True)
     gallery_dirs = {"visrec": work / "visrec_gallery", "paddleclas": work / "paddleclas_gallery"}
     peer_gallery = dict(model=str(export), image_root=str(cub), gallery_list=str(lists / "gallery_list.txt"),
@@ -462,6 +469,7 @@ def main() -> None:
         "gallery", s.repeats, lambda r: visrec_gallery(cfg, export, cub, data["gallery"], gallery_dirs["visrec"], s),
         lambda r: peer("gallery", **peer_gallery))
 
+    save()
     print("5/5 recognition system", flush=True)
     sys_overrides = overrides + [f"recognition.extractor={export}", f"recognition.gallery={gallery_dirs['visrec']}"]
     sys_cfg = load_config(args.params, sys_overrides)
@@ -471,8 +479,7 @@ def main() -> None:
                                   lambda r: peer("system", **peer_gallery, photos=data["photos"], procs=s.peer_procs,
                                                  concurrent_requests=s.concurrent_requests))
 
-    (work / "results.json").write_text(json.dumps({"commits": commits, "settings": asdict(s), "results": results},
-                                                  indent=1, default=str) + "\n")
+    save(complete=True)
     print_table(results, commits, s, data)
 
 
