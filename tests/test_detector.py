@@ -14,7 +14,7 @@ import pytest
 
 from recipes import scratch
 
-from visrec.config import DetectorConfig, config_from_dict
+from visrec.config import Config, DetectorConfig, config_from_dict
 from visrec.imaging import ImageReadError, load_image
 from visrec.data.det_dataset import (
     DetectionDataError,
@@ -40,6 +40,7 @@ from visrec.models.detector import (
 )
 from visrec.training.detector import (
     PREDICTIONS_PNG,
+    export_box_scale,
     load_trained,
     make_dataset,
     postprocess_params,
@@ -265,6 +266,13 @@ def test_postprocess_maps_boxes_back_to_original_coordinates(policy):
     # boxes reaching into the letterbox padding are clipped to the original image
     far = info.to_original(np.array([[-10.0, -10.0, 80.0, 80.0]]))[0]
     np.testing.assert_allclose(far, [0, 0, 200, 100])
+
+
+def test_only_a_detector_trained_on_generated_data_exports_grown_boxes():
+    cfg = Config()
+    assert cfg.data.source == "synthetic" and export_box_scale(cfg) == cfg.detector.synthetic_box_scale > 1
+    cfg.data.source = "/data/CUB_200_2011"  # real boxes: the detector's own extent is right
+    assert export_box_scale(cfg) == 1.0
 
 
 def test_postprocess_box_scale_grows_boxes_about_their_centres_within_the_image():
@@ -499,6 +507,18 @@ def test_export_parity_dygraph_paddle_inference_onnx(trained_run, tiny_det, tmp_
         for ref, det in zip(reference[:3], from_images, strict=True):
             assert_same_clear_detections(np.asarray(det), ref, f"{backend} from images")
         assert detector(images[0]) == from_images[0]
+
+    # the export's box_scale (model.json) is applied unless the caller overrides it
+    assert meta["box_scale"] == 1.0
+    grown_meta = export_detector(model, model_cfg, tmp_path / "grown", onnx=False, box_scale=1.2)
+    assert grown_meta["box_scale"] == 1.2
+    grown = Detector(tmp_path / "grown", num_threads=1, score_threshold=0.0)
+    expected = postprocess(boxes, scores, infos, **post, box_scale=1.2)
+    for ref, det in zip(expected, grown.postprocess(boxes, scores, infos), strict=True):
+        assert_same_clear_detections(det, ref, "box_scale from model.json")
+    assert Detector(tmp_path / "grown", num_threads=1, box_scale=1.0).box_scale == 1.0
+    with pytest.raises(ValueError, match="det_box_scale"):
+        Detector(tmp_path / "grown", num_threads=1, box_scale=0.0)
 
     dygraph = predict_dataset(dygraph_predict_fn(model), dataset, 5, post)
     np.testing.assert_allclose(by_position(dygraph[dataset.image_ids[0]]), by_position(reference[0]), atol=1e-5)

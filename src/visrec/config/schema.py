@@ -160,7 +160,7 @@ class RecognitionConfig:
     num_threads: int = 2
     det_threshold: float = 0.5  # mainbody boxes kept above this detector score
     max_det: int = 5  # mainbody boxes per image, as PP-ShiTu
-    det_box_scale: float = 1.2  # detected boxes grown by this factor about their centres (params.yaml: why)
+    det_box_scale: float | None = None  # detected boxes grown about their centres; None: the export's own
     whole_image_box: bool = True  # also recognise the whole image, as PP-ShiTu does
     top_k: int = 5  # gallery candidates searched per box
     # cosine similarity a recognition needs; null uses the threshold calibrated by build_index

@@ -64,12 +64,17 @@ def detector_meta(model_config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def export_detector(model, model_config: dict[str, Any], out_dir: str | Path, onnx: bool = True) -> dict[str, Any]:
-    """Paddle inference files (+ ONNX) + ``model.json`` for a trained ``MainbodyDetector``."""
+def export_detector(model, model_config: dict[str, Any], out_dir: str | Path, onnx: bool = True,
+                    box_scale: float = 1.0) -> dict[str, Any]:
+    """Paddle inference files (+ ONNX) + ``model.json`` for a trained ``MainbodyDetector``.
+
+    ``box_scale`` (in model.json) is how much the runtime grows each box: a calibration that
+    belongs to the model, since it depends on the boxes it was trained on.
+    """
     model.eval()
     if hasattr(model, "rep"):
         model.rep()
-    meta = detector_meta(model_config)
+    meta = {**detector_meta(model_config), "box_scale": float(box_scale)}
     size = meta["input_size"][0]
     return export_layer(DetectorExportNet(model), out_dir, [None, 3, size, size], meta, onnx=onnx)
 
@@ -112,7 +117,7 @@ class Detector:
 
     def __init__(self, model_dir: str | Path, backend: Backend = "paddle", num_threads: int = 2,
                  batch_size: int = 16, score_threshold: float | None = None, max_det: int | None = None,
-                 box_scale: float = 1.0):
+                 box_scale: float | None = None):
         self.meta = read_model_json(model_dir)
         if self.meta.get("kind") != "detector":
             raise ValueError(f"{model_dir} holds a {self.meta.get('kind')!r} model, not a detector: "
@@ -122,9 +127,10 @@ class Detector:
         self.batch_size = max(1, int(batch_size))
         self.score_threshold = float(self.meta["score_threshold"] if score_threshold is None else score_threshold)
         self.max_det = int(self.meta["max_det"] if max_det is None else max_det)
-        if not float(box_scale) > 0:
+        box_scale = float(self.meta.get("box_scale", 1.0) if box_scale is None else box_scale)
+        if not box_scale > 0:
             raise ValueError(f"box_scale must be > 0 (recognition.det_box_scale), got {box_scale}")
-        self.box_scale = float(box_scale)
+        self.box_scale = box_scale
 
     @property
     def fingerprint(self) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
-from visrec.config import DetectorConfig
+from visrec.config import Config, DetectorConfig
 from visrec.imaging import load_image
 from visrec.data.det_dataset import DetectionDataset, make_detection_loader
 from visrec.inference.detection_post import postprocess
@@ -63,6 +63,11 @@ def make_dataset(cfg: DetectorConfig, raw_root: Path, coco_path: Path, train: bo
         raw_root, coco_path, img.size, img.resize, mean=mean, std=std, scale=img.scale, train=train,
         crop_prob=aug.crop_prob, crop_min=aug.crop_min, flip_prob=aug.flip_prob, zoom_out=tuple(aug.zoom_out),
         color_jitter=aug.color_jitter, cache_images=img.cache_images, max_images=max_images, seed=cfg.seed)
+
+
+def export_box_scale(cfg: Config) -> float:
+    """How much the export grows boxes: ``synthetic_box_scale`` after training on the generated set, else 1."""
+    return float(cfg.detector.synthetic_box_scale) if cfg.data.source == "synthetic" else 1.0
 
 
 def postprocess_params(cfg: DetectorConfig) -> dict[str, Any]:
