@@ -145,6 +145,10 @@ class DetectorConfig:
 
     backbone: dict[str, Any] = field(default_factory=lambda: {"name": "efficientnet_lite0", "pretrained": "imagenet"})
     freeze_backbone: bool = True  # train only FPN + head (for a pretrained backbone)
+    # where a frozen backbone's forward pass runs while FPN + head train: onnx | paddle (an exported
+    # copy, same outputs, ~12x faster than eager) | eager
+    frozen_backend: Literal["onnx", "paddle", "eager"] = "onnx"
+    frozen_threads: int = 2
     strides: list[int] = field(default_factory=lambda: [8, 16, 32])
     neck_channels: int = 48  # FPN width
     head_convs: int = 2  # depthwise-separable convs in the shared head

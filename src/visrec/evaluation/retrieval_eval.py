@@ -154,8 +154,8 @@ def evaluate_extractor(model_dir: Path, model_config: dict[str, Any], raw_root: 
         model = random_baseline_model(model_config, calib, baseline_calib_images, seed)
         with tempfile.TemporaryDirectory() as tmp:
             export_layer(EmbeddingNet(model), Path(tmp) / "baseline", [None, 3, *meta["input_size"]],
-                         {"kind": "extractor-random-baseline"}, onnx=False)
-            base_pred = Predictor(Path(tmp) / "baseline", backend="paddle", num_threads=num_threads)
+                         {"kind": "extractor-random-baseline"}, onnx=backend == "onnx")
+            base_pred = Predictor(Path(tmp) / "baseline", backend=backend, num_threads=num_threads)
             base = evaluate_embeddings(lambda b: base_pred(b)[0], test_ds, batch_size, max_k,
                                        "embedding test split (random baseline)")
         metrics.update({f"baseline_{k}": round(base.metrics[k], 6) for k in SUMMARY_KEYS})

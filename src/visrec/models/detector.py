@@ -137,6 +137,9 @@ class MainbodyDetector(nn.Layer):
         self.neck = FPN(backbone.feature_channels, neck_channels)
         self.head = SharedHead(neck_channels, head_convs, strides)
         self._points: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        # Set while a frozen backbone's stage outputs come from elsewhere (an exported copy of it,
+        # visrec.training.frozen_backbone): eager Paddle spends ~90 % of a training step there.
+        self.stage_features: Any = None
 
     def points(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         key = (int(height), int(width))
@@ -146,7 +149,8 @@ class MainbodyDetector(nn.Layer):
 
     def forward(self, x: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
         """Raw outputs: logits [N, P] and distances [N, P, 4] (input pixels)."""
-        return self.head(self.neck(self.backbone.forward_stages(x)))
+        stages = self.backbone.forward_stages(x) if self.stage_features is None else self.stage_features(x)
+        return self.head(self.neck(stages))
 
     def predict(self, x: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
         """Dense decoded boxes [N, P, 4] (x1 y1 x2 y2, input pixels) and scores [N, P]."""
@@ -168,6 +172,10 @@ class MainbodyDetector(nn.Layer):
             param.stop_gradient = True
         self._frozen_backbone = True
         self.backbone.eval()
+
+    @property
+    def backbone_frozen(self) -> bool:
+        return getattr(self, "_frozen_backbone", False)
 
     def train(self):
         super().train()

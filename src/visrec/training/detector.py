@@ -39,6 +39,7 @@ from visrec.models.detector import DetectionLoss, MainbodyDetector, build_detect
 from visrec.models.extractor import param_groups
 from visrec.training.checkpoint import load_checkpoint, load_finished_run, prepare_work_dir
 from visrec.training.engine import EngineConfig, Trainer, TrainerState
+from visrec.training.frozen_backbone import exported_stages
 from visrec.training.optim import build_optimizer, build_scheduler
 from visrec.utils.fs import replace_dir, write_json
 
@@ -186,7 +187,8 @@ def train_detector(cfg: DetectorConfig, raw_root: Path, split_dir: Path, out_dir
     trainer = Trainer(model, task, loader, optimizer, scheduler, out_dir, engine_cfg,
                       epoch_aware=[sampler, train_ds],
                       on_epoch_end=None if epoch_callback is None else functools.partial(epoch_callback, model=model))
-    state = trainer.fit()
+    with exported_stages(model, cfg.image.size, cfg.frozen_backend, cfg.frozen_threads):
+        state = trainer.fit()
     stats = {"train_images": len(train_ds), "skipped_train": sum(train_ds.skipped.values()),
              "val_subset_images": len(eval_ds)}
     return model, state, stats
