@@ -11,11 +11,14 @@ own batch-32 images/s on the same machine, in one run. Both sides use the models
   whole photo, counted with the same detector and settings in this process) / wall time.
 
 The two are measured alternately, ``--rounds`` times (the service idles while the extractor
-runs), and the medians are compared.
+runs), and the medians are compared. A third figure says what HTTP costs: the same recognition
+(decode, detect, embed, search) in as many processes, with as many threads, as the service's
+workers, called in-process.
 
     make repro
     .venv/bin/python bench/bench_service_overhead.py ../shared/data/cub_subset/CUB_200_2011/images
     .venv/bin/python bench/bench_service_overhead.py PHOTOS --photos 400 --clients 16 --rounds 3
+    .venv/bin/python bench/bench_service_overhead.py PHOTOS --workers 2 --request-threads 1   # other serving set-ups
 """
 
 from __future__ import annotations
@@ -59,6 +62,51 @@ def extractor_images_per_s(extractor, images: list[np.ndarray], batch: int = 32)
     return done / (time.perf_counter() - start)
 
 
+def _in_process_share(task: tuple[str, int, list[str]]) -> int:
+    """One process of the in-process figure: load the system, recognise its photos (decode included)."""
+    import dataclasses
+
+    from visrec.config import load_config as load
+    from visrec.inference.pipeline import RecognitionSystem
+    from visrec.serving.images import decode_image
+
+    params, threads, paths = task
+    rec = dataclasses.replace(load(params).recognition, num_threads=threads)
+    system = RecognitionSystem.from_config(rec)
+    blobs = [Path(path).read_bytes() for path in paths]
+    system.predict(decode_image(blobs[0], 1 << 30, 1 << 30).array)  # warm-up
+    barrier.wait()
+    for blob in blobs:
+        system.predict(decode_image(blob, 1 << 30, 1 << 30).array)
+    return len(blobs)
+
+
+def _init_share(shared_barrier) -> None:
+    global barrier
+    barrier = shared_barrier
+
+
+def in_process_photos_per_s(params: Path, photos: list[Path], processes: int, threads: int) -> float:
+    """The same recognition with no HTTP: ``processes`` processes of ``RecognitionSystem.predict``.
+
+    Timed from the moment every process has loaded its models (a barrier) to the last photo.
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    start_barrier = context.Barrier(processes + 1)
+    shares = [[str(p) for p in photos[i::processes]] for i in range(processes)]
+    pool = context.Pool(processes, initializer=_init_share, initargs=(start_barrier,))
+    pending = pool.map_async(_in_process_share, [(str(params), threads, share) for share in shares])
+    start_barrier.wait()
+    start = time.perf_counter()
+    done = sum(pending.get())
+    elapsed = time.perf_counter() - start
+    pool.close()  # not terminate(): Paddle prints a fatal-error banner on SIGTERM
+    pool.join()
+    return done / elapsed
+
+
 def service_photos_per_s(service: Service, photos: list[Path], clients: int) -> tuple[float, int]:
     local = threading.local()
     errors = 0
@@ -74,10 +122,12 @@ def service_photos_per_s(service: Service, photos: list[Path], clients: int) -> 
             with lock:
                 errors += 1
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(send, photos))
-    return len(photos) / (time.perf_counter() - start), errors
+    elapsed = time.perf_counter() - start
+    client_cpu_ms = (time.process_time() - cpu) / len(photos) * 1000
+    return len(photos) / elapsed, errors, client_cpu_ms
 
 
 def main() -> None:
@@ -87,6 +137,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--workers", type=int, default=None, help="serve.workers (default: the params file's)")
+    parser.add_argument("--model-threads", type=int, default=None, help="serve.model_threads (default: params)")
+    parser.add_argument("--no-in-process", action="store_true",
+                        help="skip the third figure: the same recognition in-process, without HTTP")
+    parser.add_argument("--request-threads", type=int, default=None, help="serve.request_threads (default: params)")
     args = parser.parse_args()
 
     cfg = load_config(args.params)
@@ -109,25 +164,42 @@ def main() -> None:
                 params["recognition"][key] = str((REPO / params["recognition"][key]).resolve())
         port = free_port()
         params["serve"].update(champion=False, port=port, upload_dir=str(Path(tmp) / "uploads"))
+        for key, value in (("workers", args.workers), ("model_threads", args.model_threads),
+                           ("request_threads", args.request_threads)):
+            if value is not None:
+                params["serve"][key] = value
+        print("service: " + ", ".join(f"{key} {params['serve'].get(key)}"
+                                      for key in ("workers", "model_threads", "request_threads")), flush=True)
         params["tracking"]["enabled"] = False
         params_file = Path(tmp) / "params.yaml"
         params_file.write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+        from visrec.serving.api import ServeSettings
+
+        served_cfg = ServeSettings.from_env({"VISREC_PARAMS": str(params_file)})
+        workers, threads = served_cfg.workers, served_cfg.config.recognition.num_threads
         service = Service(params_file, port, Path(tmp) / "service.log")
         try:
             service_photos_per_s(service, photos[: args.clients * 2], args.clients)  # warm-up
-            own, served = [], []
+            own, served, direct = [], [], []
             for round_no in range(1, args.rounds + 1):
                 own.append(extractor_images_per_s(extractor, images))
-                photos_per_s, errors = service_photos_per_s(service, photos, args.clients)
-                served.append(photos_per_s * crops / len(photos))
+                photos_per_s, errors, client_ms = service_photos_per_s(service, photos, args.clients)
+                served.append(photos_per_s)
+                if not args.no_in_process:
+                    direct.append(in_process_photos_per_s(params_file, photos, workers, threads))
                 print(f"round {round_no}: extractor batch-32 {own[-1]:.1f} img/s; /recognize at {args.clients} "
-                      f"clients {photos_per_s:.1f} photos/s = {served[-1]:.1f} crops/s; errors {errors}",
-                      flush=True)
+                      f"clients {photos_per_s:.1f} photos/s = {photos_per_s * crops / len(photos):.1f} crops/s; "
+                      f"errors {errors}; the clients' own CPU {client_ms:.1f} ms a request" + (f"; in-process ({workers} x {threads} thread(s), no HTTP) "
+                                            f"{direct[-1]:.1f} photos/s" if direct else ""), flush=True)
         finally:
             service.close()
-    ratio = statistics.median(served) / statistics.median(own)
-    print(f"\nmedian: extractor {statistics.median(own):.1f} img/s, service {statistics.median(served):.1f} "
+    crops_per_s = statistics.median(served) * crops / len(photos)
+    ratio = crops_per_s / statistics.median(own)
+    print(f"\nmedian: extractor {statistics.median(own):.1f} img/s, service {crops_per_s:.1f} "
           f"crops/s: ratio {ratio:.2f} (bar >= 0.70)")
+    if direct:
+        print(f"the same recognition in-process, no HTTP: {statistics.median(direct):.1f} photos/s; the service "
+              f"serves {statistics.median(served) / statistics.median(direct):.2f}x that")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,20 @@ def test_settings_take_the_upload_limit_from_params_and_env(tmp_path):
         ServeSettings.from_env({"VISREC_PARAMS": str(params), "VISREC_WORKERS": "1.5"})
 
 
+def test_workers_share_the_model_threads(tmp_path):
+    """N workers on the cores of one: each worker's models get recognition.num_threads / N threads."""
+    params = write_params(tmp_path, workers=2, request_threads=3)
+    settings = ServeSettings.from_env({"VISREC_PARAMS": str(params)})
+    assert (settings.workers, settings.request_threads, settings.config.recognition.num_threads) == (2, 3, 1)
+    settings = ServeSettings.from_env({"VISREC_PARAMS": str(params), "VISREC_WORKERS": "1"})
+    assert (settings.workers, settings.config.recognition.num_threads) == (1, 2)
+    params = write_params(tmp_path, workers=2, model_threads=2)
+    assert ServeSettings.from_env({"VISREC_PARAMS": str(params)}).config.recognition.num_threads == 2
+    params = write_params(tmp_path, request_threads=0)
+    with pytest.raises(ValueError, match="serve.request_threads must be at least 1"):
+        ServeSettings.from_env({"VISREC_PARAMS": str(params)})
+
+
 def test_labels_are_checked():
     assert check_label("Black-footed albatross") == "Black-footed albatross"
     for bad, words in (("x" * 201, "201 characters long, the limit is 200"), ("a\x00b", r"U\+0000"),

@@ -97,8 +97,9 @@ def serving(tmp: Path, params: Path, extra_env: dict[str, str]):
     """`bentoml serve` on 127.0.0.1 at a free port; yields its URL once /readyz answers, then
     stops it (and the workers BentoML starts in a session of their own)."""
     port = free_port()
+    # One worker unless a test asks for more: memory and batching are then one process's to check.
     env = {**os.environ, "VISREC_PARAMS": str(params), "VISREC_ADMIN_TOKEN": TOKEN,
-           "BENTOML_HOME": str(tmp / "bentoml_home"), **extra_env}
+           "BENTOML_HOME": str(tmp / "bentoml_home"), "VISREC_WORKERS": "1", **extra_env}
     log = open(tmp / "server.log", "wb")
     proc = subprocess.Popen([str(BENTOML), "serve", "bento.service:VisrecRecognition", "--host", "127.0.0.1",
                              "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,

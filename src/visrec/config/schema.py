@@ -102,7 +102,7 @@ class ExportConfig:
 
 @dataclass
 class EvaluateConfig:
-    backend: Literal["paddle", "onnx"] = "paddle"
+    backend: Literal["paddle", "onnx"] = "onnx"  # ONNX Runtime embeds the test split in 25 s, Paddle Inference 57 s
     batch_size: int = 64
     max_k: int = 20  # recall@k curve up to this k
     grid_queries: int = 6  # rows of the top-5 retrieval picture
@@ -196,6 +196,16 @@ class ServeConfig:
     # Images added through /gallery/add are kept here (content-addressed), so a new champion's
     # extractor can re-embed them when it replaces the old one.
     upload_dir: str = "data/gallery_uploads"
+    # Worker processes (VISREC_WORKERS overrides), each with its own models; every worker runs
+    # its model calls on one thread with model_threads threads (null: recognition.num_threads
+    # shared out among the workers), so N workers never ask for more threads than one would.
+    # One single-threaded worker per core: 1.45x the /recognize photos/s of one worker with 2
+    # threads on 2 cores (docs/results.md), at ~0.5 GB of memory per worker.
+    workers: int = 2
+    model_threads: int | None = None
+    # Requests one worker handles at once (BentoML's `threads` for sync endpoints): upload
+    # parsing, decoding and search of one request overlap with another's model call.
+    request_threads: int = 2
 
 
 @dataclass

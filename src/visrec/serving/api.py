@@ -13,6 +13,7 @@ settings as the handlers', so they cannot disagree.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -78,6 +79,7 @@ class ServeSettings:
     max_bytes: int  # per uploaded image
     max_pixels: int
     adaptive_batching: bool
+    request_threads: int = 4
     max_header_bytes: int = 64 * 1024
 
     @classmethod
@@ -86,11 +88,22 @@ class ServeSettings:
         env = os.environ if environ is None else environ
         params = Path(env.get(PARAMS_ENV) or "params.yaml")
         config = load_config(params)
-        workers = _env_number(env, WORKERS_ENV, 1)
+        serve = config.serve
+        workers = _env_number(env, WORKERS_ENV, serve.workers)
         if workers != int(workers):
             raise ValueError(f"{WORKERS_ENV} must be a positive integer, got {env.get(WORKERS_ENV)!r}")
+        for key in ("model_threads", "request_threads"):
+            value = getattr(serve, key)
+            if value is not None and value < 1:
+                raise ValueError(f"serve.{key} must be at least 1, got {value}")
+        # Each worker's models get their share of the threads one worker would use: N workers
+        # on the cores of one must not oversubscribe them.
+        model_threads = serve.model_threads or max(1, config.recognition.num_threads // int(workers))
+        config = dataclasses.replace(config, recognition=dataclasses.replace(config.recognition,
+                                                                             num_threads=model_threads))
         batching = env.get(BATCHING_ENV)
         return cls(params=params, config=config, admin_token=env.get(ADMIN_TOKEN_ENV) or None, workers=int(workers),
+                   request_threads=serve.request_threads,
                    max_bytes=int(_env_number(env, MAX_UPLOAD_ENV, config.serve.max_upload_mb) * 1024 * 1024),
                    max_pixels=int(_env_number(env, MAX_PIXELS_ENV, config.serve.max_pixels)),
                    adaptive_batching=(config.serve.adaptive_batching if batching is None
