@@ -333,7 +333,26 @@ def test_degenerate_embeddings_are_refused_naming_the_image(exported_models, tes
 
     images, meta = test_images
     extractor = Extractor(exported_models[0])
-    monkeypatch.setattr(extractor, "embed", lambda crops: np.zeros((len(crops), extractor.dim), np.float32))
+    monkeypatch.setattr(extractor, "embed_batch", lambda batch: np.zeros((len(batch), extractor.dim), np.float32))
     item = GalleryItem(meta.root / images[0].rel_path, "x")
     with pytest.raises(ValueError, match=f"no usable embedding.*{images[0].rel_path.split('/')[-1]}"):
         embed_items(extractor, [item], progress=False)
+
+
+def test_gallery_views_decode_each_file_once_and_match_direct_embedding(exported_models, test_images, monkeypatch):
+    """embed_items prefetches batches on a second thread and decodes a file once for all its views;
+    the vectors are what the extractor gives for the same crops one call at a time."""
+    from visrec.inference import gallery_ops
+
+    images, meta = test_images
+    extractor = Extractor(exported_models[0], batch_size=3)
+    paths = [meta.root / image.rel_path for image in images[:5]]
+    items = [item for path in paths for item in (GalleryItem(path, "x"), GalleryItem(path, "x", (2, 3, 40, 30)))]
+    decoded = []
+    real_load = gallery_ops.load_image
+    monkeypatch.setattr(gallery_ops, "load_image", lambda path: decoded.append(path) or real_load(path))
+    vectors = gallery_ops.embed_items(extractor, items, batch_size=4, progress=False)
+    assert sorted(decoded) == sorted(paths)  # batches of 4 views, 2 files each: every file decoded once
+    direct = [extractor.embed([real_load(i.path) if i.box is None else extractor.crop(real_load(i.path), i.box)])[0]
+              for i in items]
+    np.testing.assert_allclose(vectors, np.stack(direct), atol=1e-5)

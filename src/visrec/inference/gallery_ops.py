@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,17 +107,37 @@ def check_files(items: Sequence[GalleryItem]) -> None:
                                 "fix the paths (relative to the list file's folder, or --root)")
 
 
+def preprocess_items(extractor: Extractor, items: Sequence[GalleryItem]) -> np.ndarray:
+    """The extractor's NCHW input for ``items``: each file decoded once, however many views use it."""
+    decoded: dict[Path, np.ndarray] = {}
+    rows = []
+    for item in items:
+        image = decoded.get(item.path)
+        if image is None:
+            image = decoded[item.path] = load_image(item.path)
+        rows.append(extractor.preprocess(extractor.crop(image, item.box) if item.box is not None else image))
+    return np.stack(rows)
+
+
 def embed_items(extractor: Extractor, items: Sequence[GalleryItem], batch_size: int = 64,
                 progress: bool = True, desc: str = "embedding gallery") -> np.ndarray:
-    """``[N, D]`` embeddings of the items, in batches (images are decoded batch by batch)."""
+    """``[N, D]`` embeddings of the items, in batches.
+
+    While the model embeds one batch, a second thread decodes and preprocesses the next
+    (OpenCV releases the GIL), so decoding overlaps the model instead of following it.
+    """
     check_files(items)
+    starts = range(0, len(items), batch_size)
     chunks = []
-    for start in tqdm(range(0, len(items), batch_size), desc=desc, disable=not progress, leave=False):
-        crops = []
-        for item in items[start:start + batch_size]:
-            image = load_image(item.path)
-            crops.append(extractor.crop(image, item.box) if item.box is not None else image)
-        chunks.append(extractor.embed(crops))
+    with ThreadPoolExecutor(1, thread_name_prefix="gallery-decode") as prefetch:
+        pending = prefetch.submit(preprocess_items, extractor, items[0:batch_size])
+        for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+            batch = pending.result()
+            following = start + batch_size
+            pending = (prefetch.submit(preprocess_items, extractor, items[following:following + batch_size])
+                       if following < len(items) else None)
+            for first in range(0, len(batch), extractor.batch_size):
+                chunks.append(extractor.embed_batch(batch[first:first + extractor.batch_size]))
     vectors = np.concatenate(chunks)
     norms = np.linalg.norm(vectors, axis=1)
     bad = np.nonzero(~np.isfinite(norms) | (norms < 1e-6))[0]
