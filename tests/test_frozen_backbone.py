@@ -70,3 +70,18 @@ def test_a_trainable_backbone_or_eager_setting_changes_nothing():
     with pytest.raises(ValueError, match="frozen_backend"):
         with exported_stages(frozen, SIZE, "tensorrt"):
             pass
+
+
+def test_an_export_inside_the_context_traces_the_real_backbone(tmp_path):
+    """An epoch callback may export the detector mid-training: tracing must not go through the hook."""
+    from visrec.inference.export import PADDLE_PREFIX, export_layer
+
+    model = frozen_tiny_detector()
+    model.eval()
+    x = batch(2)
+    with paddle.no_grad():
+        expected = model(x)[0].numpy()
+    with exported_stages(model, SIZE, "onnx", num_threads=1):
+        export_layer(model, tmp_path / "det", [None, 3, SIZE, SIZE], {"kind": "test"}, onnx=False)
+    loaded = paddle.jit.load(str(tmp_path / "det" / PADDLE_PREFIX))
+    np.testing.assert_allclose(loaded(x)[0].numpy(), expected, atol=1e-4)

@@ -149,7 +149,9 @@ class MainbodyDetector(nn.Layer):
 
     def forward(self, x: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
         """Raw outputs: logits [N, P] and distances [N, P, 4] (input pixels)."""
-        stages = self.backbone.forward_stages(x) if self.stage_features is None else self.stage_features(x)
+        # Only in eager mode: an export traced during training (an epoch callback) must see the real backbone.
+        fast = self.stage_features is not None and paddle.in_dynamic_mode()
+        stages = self.stage_features(x) if fast else self.backbone.forward_stages(x)
         return self.head(self.neck(stages))
 
     def predict(self, x: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
