@@ -356,3 +356,30 @@ def test_gallery_views_decode_each_file_once_and_match_direct_embedding(exported
     direct = [extractor.embed([real_load(i.path) if i.box is None else extractor.crop(real_load(i.path), i.box)])[0]
               for i in items]
     np.testing.assert_allclose(vectors, np.stack(direct), atol=1e-5)
+
+
+def test_whole_image_is_skipped_only_after_a_confident_detection():
+    """recognition.whole_image_unless_score: the whole photo joins the crops unless the best
+    detection scores at least that; with no detection above det_threshold it is always there."""
+    from visrec.inference.pipeline import RecognitionSystem, Timings
+
+    class FixedDetector:
+        def __init__(self, dets):
+            self.dets = np.asarray(dets, np.float32).reshape(-1, 5)
+
+        def detect_arrays(self, images):
+            return [self.dets for _ in images]
+
+    def boxes(dets, **settings):
+        system = RecognitionSystem.__new__(RecognitionSystem)
+        system.detector, system.timings = FixedDetector(dets), Timings()
+        system.settings = RecognitionConfig(**settings)
+        return system.boxes_for(np.zeros((40, 60, 3), np.uint8)).tolist()
+
+    whole = [0.0, 0.0, 60.0, 40.0]
+    confident = [[5, 5, 30, 30, 0.9], [10, 10, 20, 20, 0.55]]
+    assert boxes(confident) == [[5, 5, 30, 30], [10, 10, 20, 20], whole]
+    assert boxes(confident, whole_image_unless_score=0.6) == [[5, 5, 30, 30], [10, 10, 20, 20]]
+    assert boxes(confident, whole_image_unless_score=0.95)[-1] == whole
+    assert boxes([[5, 5, 30, 30, 0.4]], whole_image_unless_score=0.3) == [whole]  # under det_threshold 0.5
+    assert boxes(confident, whole_image_box=False) == [[5, 5, 30, 30], [10, 10, 20, 20]]

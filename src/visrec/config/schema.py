@@ -162,6 +162,8 @@ class RecognitionConfig:
     max_det: int = 5  # mainbody boxes per image, as PP-ShiTu
     det_box_scale: float | None = None  # detected boxes grown about their centres; None: the export's own
     whole_image_box: bool = True  # also recognise the whole image, as PP-ShiTu does
+    # With whole_image_box: only when no detection scores at least this (null: always)
+    whole_image_unless_score: float | None = None
     top_k: int = 5  # gallery candidates searched per box
     # cosine similarity a recognition needs; null uses the threshold calibrated by build_index
     score_threshold: float | None = None

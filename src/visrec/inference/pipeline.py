@@ -116,7 +116,9 @@ class RecognitionSystem:
             self.timings.detect += time.perf_counter() - start
             dets = dets[dets[:, 4] >= self.settings.det_threshold][: self.settings.max_det]
             boxes = dets[:, :4]
-        if self.detector is None or self.settings.whole_image_box or len(boxes) == 0:
+        confident = (self.settings.whole_image_unless_score is not None and len(boxes) > 0
+                     and float(dets[0, 4]) >= self.settings.whole_image_unless_score)
+        if self.detector is None or (self.settings.whole_image_box and not confident) or len(boxes) == 0:
             boxes = np.concatenate([boxes, np.array([[0, 0, width, height]], dtype=np.float32)])
         return boxes
 
