@@ -201,7 +201,7 @@ class ServeConfig:
     # Worker processes (VISREC_WORKERS overrides), each with its own models; every worker runs
     # its model calls on one thread with model_threads threads (null: recognition.num_threads
     # shared out among the workers), so N workers never ask for more threads than one would.
-    # One single-threaded worker per core: 1.45x the /recognize photos/s of one worker with 2
+    # One single-threaded worker per core: 1.5x the /recognize photos/s of one worker with 2
     # threads on 2 cores (docs/results.md), at ~0.5 GB of memory per worker.
     workers: int = 2
     model_threads: int | None = None
