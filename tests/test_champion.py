@@ -168,3 +168,36 @@ def test_a_gallery_switched_ahead_of_its_models_keeps_the_old_pair_served(pipeli
     assert gallery is served and system.recognize(*query, gallery=gallery) == expected
     publish(repo, recall_at_1=0.7)  # the link moves: models and gallery reload together
     assert live.refresh()[1].fingerprint == system.extractor.fingerprint != "the next champion's extractor"
+
+
+def test_gallery_poll_interval_delays_only_other_writers_changes(pipeline_outputs):
+    """serve.gallery_poll_s: another writer's change shows after the interval, a worker's own
+    change and a promotion at once."""
+    repo, cfg, images = pipeline_outputs
+    polled = config_from_dict({**json.loads(json.dumps(cfg.to_dict())), "serve": {"gallery_poll_s": 3600.0}})
+    live = LiveRecognition(polled, base=repo)
+    served = live.refresh()[1]
+    assert len(served) == 6
+
+    other_writer = load_gallery(repo / "data" / "gallery")
+    other_writer.add(live.system.extractor.embed([load_image(images[6][0])]), ["from another writer"])
+    other_writer.save(repo / "data" / "gallery")
+    assert live.refresh()[1] is served  # not read again within the interval
+
+    live.add_images([load_image(images[7][0])], ["own"], [(images[7][0].read_bytes(), ".jpg")])
+    assert live.system.gallery.labels() >= {"from another writer", "own"}  # changed the gallery on disk
+    assert len(live.refresh()[1]) == 8
+
+    name = publish(repo)
+    assert live.refresh()[0] is live.system and live.champion == name  # promotions: one readlink, every request
+
+    every_request = config_from_dict({**json.loads(json.dumps(cfg.to_dict())), "serve": {"gallery_poll_s": 0.0}})
+    live = LiveRecognition(every_request, base=repo)
+    before = len(live.refresh()[1])
+    other_writer = load_gallery(repo / "data" / "champion" / "current" / "gallery")
+    other_writer.remove_label("own")
+    other_writer.save(repo / "data" / "champion" / "current" / "gallery")
+    assert len(live.refresh()[1]) == before - 1
+
+    with pytest.raises(ValueError, match="gallery_poll_s"):
+        LiveRecognition(config_from_dict({"serve": {"gallery_poll_s": -1.0}}), base=repo)

@@ -208,6 +208,11 @@ class ServeConfig:
     # Requests one worker handles at once (BentoML's `threads` for sync endpoints): upload
     # parsing, decoding and search of one request overlap with another's model call.
     request_threads: int = 2
+    # Seconds between two reads of the served gallery's version by a worker (0: before every
+    # request). A Faiss gallery's version is one readlink; a Milvus one costs a file read and two
+    # RPCs, so replicas of a busy Milvus deployment poll every 0.5-1 s: another writer's change
+    # then shows within that time; a worker's own changes and promotions show at once.
+    gallery_poll_s: float = 0.0
 
 
 @dataclass

@@ -12,7 +12,8 @@ without a server):
   publish it (Faiss: a new version directory, copy-on-write; Milvus: the rows are written
   through and the change committed), then swap the reference. A request in flight keeps the
   gallery object it started with. Changes made by another worker or tool
-  (``visrec.index.factory.gallery_version`` moved) are picked up the same way. A file lock in
+  (``visrec.index.factory.gallery_version`` moved) are picked up the same way, read before
+  every request or at most every ``serve.gallery_poll_s`` seconds. A file lock in
   the gallery directory serialises load-modify-save across workers.
 * **Either backend** (``visrec.index.factory``): a Milvus promotion moves the gallery's alias
   just before the champion link; a worker that sees a gallery of another extractor before the
@@ -65,13 +66,16 @@ class LiveRecognition:
         # threads multiplied them (a worker grew to 2.2 GB instead of 0.56 GB at 16 clients).
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="visrec-model")
         self._model_thread_id: int | None = None
+        if config.serve.gallery_poll_s < 0:
+            raise ValueError(f"serve.gallery_poll_s must be >= 0 seconds, got {config.serve.gallery_poll_s}")
+        self._version_read_at = float("-inf")  # time.monotonic() of the last gallery_version read
         self._load()
 
     def _load(self) -> None:
         with self.lock:
             settings, champion = served_recognition(self.config, self.base)
             gallery_path = Path(settings.gallery)
-            version = gallery_version(gallery_path)
+            version = self._read_version(gallery_path)
             system = RecognitionSystem.from_config(settings)
             self.settings, self.champion, self.gallery_path = settings, champion, gallery_path
             self.system, self.version = system, version
@@ -79,6 +83,10 @@ class LiveRecognition:
         logger.info("serving %s: extractor %s (dim %d, %s), detector %s, gallery %s (%d entries, version %s)",
                     f"champion {champion}" if champion else "the pipeline's latest export", ext.model_dir,
                     ext.dim, ext.fingerprint, settings.detector, gallery_path, len(system.gallery), version)
+
+    def _read_version(self, gallery_path: Path) -> str | None:
+        self._version_read_at = time.monotonic()
+        return gallery_version(gallery_path)
 
     def _champion_moved(self) -> bool:
         return self.config.serve.champion and current_champion(self.champion_root) != self.champion
@@ -93,7 +101,9 @@ class LiveRecognition:
                 self._load()
                 logger.info("champion changed: %s -> %s; models and gallery reloaded", old, self.champion)
                 return self.system, self.system.gallery
-            version = gallery_version(self.gallery_path)
+            if time.monotonic() - self._version_read_at < self.config.serve.gallery_poll_s:
+                return self.system, self.system.gallery
+            version = self._read_version(self.gallery_path)
             if version != self.version:
                 try:
                     gallery = open_gallery(self.gallery_path, expected_fingerprint=self.system.extractor.fingerprint,
@@ -117,7 +127,7 @@ class LiveRecognition:
         ``change`` raising leaves the saved gallery as it was."""
         def published(gallery: GalleryBase) -> None:  # still under the gallery's update lock
             self.system.set_gallery(gallery)
-            self.version = gallery_version(self.gallery_path)
+            self.version = self._read_version(self.gallery_path)
             if prune:
                 self._prune_uploads(gallery)
 
