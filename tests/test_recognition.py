@@ -358,28 +358,58 @@ def test_gallery_views_decode_each_file_once_and_match_direct_embedding(exported
     np.testing.assert_allclose(vectors, np.stack(direct), atol=1e-5)
 
 
-def test_whole_image_is_skipped_only_after_a_confident_detection():
-    """recognition.whole_image_unless_score: the whole photo joins the crops unless the best
-    detection scores at least that; with no detection above det_threshold it is always there."""
+def test_cascade_detects_only_when_the_whole_image_is_not_recognised_confidently():
+    """recognition.detect_unless_whole_score: the whole image is embedded and searched first; the
+    detector runs (and its crops join, before the whole box) only when that best label score is
+    under the setting, searched in the gallery the caller serves."""
+    from visrec.index.gallery import Gallery
     from visrec.inference.pipeline import RecognitionSystem, Timings
 
-    class FixedDetector:
-        def __init__(self, dets):
-            self.dets = np.asarray(dets, np.float32).reshape(-1, 5)
+    unit = np.eye(4, dtype=np.float32)
+
+    class CountingDetector:
+        calls = 0
 
         def detect_arrays(self, images):
-            return [self.dets for _ in images]
+            CountingDetector.calls += 1
+            return [np.array([[5, 5, 30, 30, 0.9], [10, 10, 20, 20, 0.3]], np.float32) for _ in images]
 
-    def boxes(dets, **settings):
+    class BoxExtractor:  # whole image -> axis 0 (+ a little of axis 1), any crop -> axis 2
+        calls = []
+
+        def embed_boxes(self, image, boxes):
+            BoxExtractor.calls.append(len(boxes))
+            whole = [float(b[2] - b[0]) == image.shape[1] and float(b[3] - b[1]) == image.shape[0] for b in boxes]
+            vectors = np.stack([unit[0] * 0.8 + unit[1] * 0.6 if w else unit[2] for w in whole])
+            return vectors.astype(np.float32)
+
+    def gallery_of(vectors, labels):
+        gallery = Gallery.create(4, "FLAT")
+        gallery.add(np.asarray(vectors, np.float32), labels)
+        return gallery
+
+    whole_matches = gallery_of([unit[0] * 0.8 + unit[1] * 0.6, unit[2]], ["seen whole", "bird"])  # whole: 1.0
+    whole_doubtful = gallery_of([unit[0], unit[2]], ["seen whole", "bird"])  # whole: 0.8 to its best
+
+    def describe(gallery, served=None, **settings):
         system = RecognitionSystem.__new__(RecognitionSystem)
-        system.detector, system.timings = FixedDetector(dets), Timings()
-        system.settings = RecognitionConfig(**settings)
-        return system.boxes_for(np.zeros((40, 60, 3), np.uint8)).tolist()
+        system.detector, system.extractor, system.timings = CountingDetector(), BoxExtractor(), Timings()
+        system.settings, system.gallery = RecognitionConfig(**settings), gallery
+        CountingDetector.calls, BoxExtractor.calls = 0, []
+        boxes, features = system.describe(np.zeros((40, 60, 3), np.uint8), served)
+        return boxes.tolist(), features, CountingDetector.calls, BoxExtractor.calls
 
     whole = [0.0, 0.0, 60.0, 40.0]
-    confident = [[5, 5, 30, 30, 0.9], [10, 10, 20, 20, 0.55]]
-    assert boxes(confident) == [[5, 5, 30, 30], [10, 10, 20, 20], whole]
-    assert boxes(confident, whole_image_unless_score=0.6) == [[5, 5, 30, 30], [10, 10, 20, 20]]
-    assert boxes(confident, whole_image_unless_score=0.95)[-1] == whole
-    assert boxes([[5, 5, 30, 30, 0.4]], whole_image_unless_score=0.3) == [whole]  # under det_threshold 0.5
-    assert boxes(confident, whole_image_box=False) == [[5, 5, 30, 30], [10, 10, 20, 20]]
+    boxes, features, detected, calls = describe(whole_matches, detect_unless_whole_score=0.9)
+    assert boxes == [whole] and detected == 0 and calls == [1]
+    boxes, features, detected, calls = describe(whole_doubtful, detect_unless_whole_score=0.9)
+    assert boxes == [[5, 5, 30, 30], whole] and detected == 1 and calls == [1, 1]  # det 0.3 < det_threshold
+    np.testing.assert_allclose(features, [unit[2], unit[0] * 0.8 + unit[1] * 0.6], atol=1e-6)
+    # the decision searches the gallery passed in (a request's snapshot), not the system's own
+    assert describe(whole_doubtful, whole_matches, detect_unless_whole_score=0.9)[2] == 0
+    assert describe(whole_matches, whole_doubtful, detect_unless_whole_score=0.9)[2] == 1
+    # off: every box in one extractor call, as PP-ShiTu
+    boxes, _, detected, calls = describe(whole_matches, detect_unless_whole_score=None)
+    assert boxes == [[5, 5, 30, 30], whole] and detected == 1 and calls == [2]
+    boxes, _, detected, calls = describe(whole_matches, detect_unless_whole_score=0.9, whole_image_box=False)
+    assert boxes == [[5, 5, 30, 30]] and detected == 1  # no whole image to start from: no cascade

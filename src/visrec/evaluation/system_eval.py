@@ -132,9 +132,11 @@ def open_set_gallery(gallery: GalleryBase, held_out: Sequence[str]) -> GalleryBa
     return gallery
 
 
-def describe_queries(system, queries: Sequence[Query], desc: str = "queries") -> list[tuple[np.ndarray, np.ndarray]]:
-    """Boxes and embeddings of every query image, through the system's detector and extractor."""
-    return [system.describe(load_image(q.path)) for q in tqdm(queries, desc=desc, leave=False)]
+def describe_queries(system, queries: Sequence[Query], gallery: GalleryBase,
+                     desc: str = "queries") -> list[tuple[np.ndarray, np.ndarray]]:
+    """Boxes and embeddings of every query image, through the system's detector and extractor
+    (its cascade, ``recognition.detect_unless_whole_score``, deciding by a search in ``gallery``)."""
+    return [system.describe(load_image(q.path), gallery) for q in tqdm(queries, desc=desc, leave=False)]
 
 
 def top1_predictions(system, described, gallery: GalleryBase) -> tuple[list[str | None], np.ndarray]:
@@ -182,7 +184,7 @@ def open_set_metrics(labels: Sequence[str | None], scores: np.ndarray, truth: Se
 def calibrate(system, split: SystemSplit, gallery_open: GalleryBase) -> dict[str, Any]:
     """Choose the threshold on the calibration queries against the open-set gallery."""
     queries = [q for q in split.queries if q.part == CALIBRATION]
-    described = describe_queries(system, queries, desc="calibration queries")
+    described = describe_queries(system, queries, gallery_open, desc="calibration queries")
     labels, scores = top1_predictions(system, described, gallery_open)
     truth = [q.label for q in queries]
     known = np.array([q.known for q in queries])
@@ -203,7 +205,8 @@ def evaluate_system(system, queries: Sequence[Query], gallery_full: GalleryBase,
     if not queries:
         raise ValueError("no report query: lower index.calibration_fraction or add test images")
     start = time.perf_counter()
-    described = describe_queries(system, queries, desc="report queries")
+    # The open-set figures reuse these descriptions, whose cascade searched the full gallery.
+    described = describe_queries(system, queries, gallery_full, desc="report queries")
     ms_per_image = 1000 * (time.perf_counter() - start) / len(queries)  # decode + detect + extract
     truth = [q.label for q in queries]
     known = np.array([q.known for q in queries])

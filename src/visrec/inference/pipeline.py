@@ -5,7 +5,9 @@
     # [{"bbox": [x1, y1, x2, y2], "rec_docs": "Blue Jay", "rec_scores": 0.83}, ...]
 
 Per image: the detector's top ``max_det`` boxes above ``det_threshold`` plus (by default, as
-PP-ShiTu) the whole-image box; every crop goes through the extractor in ONE batched call;
+PP-ShiTu) the whole-image box; every crop goes through the extractor in ONE batched call
+(with ``detect_unless_whole_score``, a cascade: the whole image is embedded and searched
+first, and the detector runs only when that view's best label score is under the setting);
 each embedding searches the gallery (``search_k`` neighbours), and each label gets a score
 (the mean of its best ``class_top_m`` similarities, ``visrec.index.label_scores``); the top-k
 labels are the candidates; results under the score threshold are dropped;
@@ -69,6 +71,11 @@ def load_detector(rec_cfg: RecognitionConfig) -> Detector | None:
                     score_threshold=rec_cfg.det_threshold, max_det=rec_cfg.max_det, box_scale=rec_cfg.det_box_scale)
 
 
+def whole_box(width: int, height: int) -> np.ndarray:
+    """The whole-image box ``[1, 4]``."""
+    return np.array([[0, 0, width, height]], dtype=np.float32)
+
+
 class RecognitionSystem:
     def __init__(self, extractor: Extractor, gallery: GalleryBase, detector: Detector | None = None,
                  settings: RecognitionConfig | None = None):
@@ -106,32 +113,64 @@ class RecognitionSystem:
 
     # ------------------------------------------------------------------ recognition
 
+    def detections(self, image: np.ndarray) -> np.ndarray:
+        """The detector's boxes ``[K, 4]`` above ``det_threshold`` (at most ``max_det``)."""
+        if self.detector is None:
+            return np.zeros((0, 4), dtype=np.float32)
+        start = time.perf_counter()
+        dets = self.detector.detect_arrays([image])[0]
+        self.timings.detect += time.perf_counter() - start
+        return dets[dets[:, 4] >= self.settings.det_threshold][: self.settings.max_det, :4]
+
     def boxes_for(self, image: np.ndarray) -> np.ndarray:
         """The candidate object boxes ``[K, 4]`` x1 y1 x2 y2: detections (+ the whole image)."""
         height, width = image.shape[:2]
-        boxes = np.zeros((0, 4), dtype=np.float32)
-        if self.detector is not None:
-            start = time.perf_counter()
-            dets = self.detector.detect_arrays([image])[0]
-            self.timings.detect += time.perf_counter() - start
-            dets = dets[dets[:, 4] >= self.settings.det_threshold][: self.settings.max_det]
-            boxes = dets[:, :4]
-        confident = (self.settings.whole_image_unless_score is not None and len(boxes) > 0
-                     and float(dets[0, 4]) >= self.settings.whole_image_unless_score)
-        if self.detector is None or (self.settings.whole_image_box and not confident) or len(boxes) == 0:
-            boxes = np.concatenate([boxes, np.array([[0, 0, width, height]], dtype=np.float32)])
+        boxes = self.detections(image)
+        if self.detector is None or self.settings.whole_image_box or len(boxes) == 0:
+            boxes = np.concatenate([boxes, whole_box(width, height)])
         return boxes
 
-    def describe(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The candidate boxes ``[K, 4]`` of an image and their embeddings ``[K, D]`` (one batched call)."""
+    def describe(self, image: np.ndarray, gallery: GalleryBase | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The candidate boxes ``[K, 4]`` of an image and their embeddings ``[K, D]``.
+
+        Without the cascade, one batched extractor call for all boxes. With
+        ``detect_unless_whole_score`` (and a detector and the whole-image box), the whole image
+        first, searched in ``gallery`` (default: the system's): a best label score at or above
+        the setting ends there; below it, the detector's crops join in a second call."""
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an HWC uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
-        boxes = self.boxes_for(image)
+        cascade = self.settings.detect_unless_whole_score
+        if cascade is None or self.detector is None or not self.settings.whole_image_box:
+            boxes = self.boxes_for(image)
+            return boxes, self._embed(image, boxes)
+        whole = whole_box(image.shape[1], image.shape[0])
+        whole_features = self._embed(image, whole)
+        if self.best_score(whole_features, gallery) >= cascade:
+            return whole, whole_features
+        boxes = self.detections(image)
+        if len(boxes) == 0:
+            return whole, whole_features
+        return np.concatenate([boxes, whole]), np.concatenate([self._embed(image, boxes), whole_features])
+
+    def best_score(self, features: np.ndarray, gallery: GalleryBase | None = None) -> float:
+        """The best label score (``label_hits``) of any of ``features`` in the gallery."""
+        gallery = self.gallery if gallery is None else gallery
+        if len(gallery) == 0:
+            return -2.0
+        start = time.perf_counter()
+        neighbours = gallery.search(features, int(self.settings.search_k))
+        counts = gallery.label_counts()
+        best = max((hits[0].score for row in neighbours if (hits := label_hits(row, counts, self.settings.class_top_m))),
+                   default=-2.0)
+        self.timings.search += time.perf_counter() - start
+        return float(best)
+
+    def _embed(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
         features = self.extractor.embed_boxes(image, boxes)
         self.timings.extract += time.perf_counter() - start
-        return boxes, features
+        return features
 
     def recognize(self, boxes: np.ndarray, features: np.ndarray, gallery: GalleryBase | None = None,
                   top_k: int | None = None, threshold: float | None = None,

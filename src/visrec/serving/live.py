@@ -151,10 +151,12 @@ class LiveRecognition:
         system = system or self.system
         return self.run_model(system.extractor.embed, list(images))
 
-    def describe(self, image: np.ndarray, system: RecognitionSystem | None = None):
-        """Boxes and their embeddings (``RecognitionSystem.describe``) on the model thread."""
+    def describe(self, image: np.ndarray, system: RecognitionSystem | None = None,
+                 gallery: GalleryBase | None = None):
+        """Boxes and their embeddings (``RecognitionSystem.describe``, its cascade searching
+        ``gallery``: the request's snapshot) on the model thread."""
         system = system or self.system
-        return self.run_model(system.describe, image)
+        return self.run_model(system.describe, image, gallery)
 
     # ------------------------------------------------------------------ stored uploads
     # Written, and pruned, only under the gallery's update lock (inside ``mutate``): no other
