@@ -36,9 +36,9 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from urllib3 import encode_multipart_formdata
 
 from bench_backend_parity import REPO, Service, free_port
+from bench_service import KeepAliveClient
 from visrec.config import load_config
 from visrec.imaging import load_image
 from visrec.inference.pipeline import RecognitionSystem
@@ -109,35 +109,21 @@ def in_process_photos_per_s(params: Path, photos: list[Path], processes: int, th
     return done / elapsed
 
 
-def multipart_bodies(photos: list[Path]) -> list[tuple[bytes, str]]:
-    """Each photo's ``/recognize`` request body, encoded once: the load generator shares the
-    service's 2 cores, so it should spend as little of them as it can (``requests`` building a
-    multipart body per call cost 1.1 ms of CPU a request here)."""
-    return [encode_multipart_formdata({"image": (p.name, p.read_bytes(), "image/jpeg")}) for p in photos]
-
-
 def service_photos_per_s(service: Service, bodies: list[tuple[bytes, str]], clients: int
                          ) -> tuple[float, int, float]:
-    """Photos/s of ``clients`` threads posting the bodies over keep-alive connections, the
-    number of failed requests, and the clients' own CPU ms a request."""
-    local = threading.local()
+    """Photos/s of ``clients`` threads posting the bodies (:class:`KeepAliveClient`), the number
+    of failed requests, and the clients' own CPU ms a request."""
+    client = KeepAliveClient(service.url, 120.0)
     errors = 0
     lock = threading.Lock()
-    host, port = service.url.split("://", 1)[1].split(":")
 
     def send(body: tuple[bytes, str]) -> None:
         nonlocal errors
-        if not hasattr(local, "connection"):
-            local.connection = http.client.HTTPConnection(host, int(port), timeout=120)
         try:
-            local.connection.request("POST", "/recognize", body=body[0], headers={"Content-Type": body[1]})
-            answer = local.connection.getresponse()
-            answer.read()
-            if answer.status != 200:
-                raise OSError(f"HTTP {answer.status}")
+            ok = client.post("/recognize", body)[0] == 200
         except (OSError, http.client.HTTPException):
-            local.connection.close()
-            del local.connection
+            ok = False
+        if not ok:
             with lock:
                 errors += 1
 
@@ -174,7 +160,7 @@ def main() -> None:
     crops = sum(len(system.describe(image)[0]) for image in images)
     print(f"{len(photos)} photos, {crops} crops ({crops / len(photos):.2f} a photo); extractor {rec.extractor}, "
           f"detector {rec.detector}, backend {rec.backend}, gallery {rec.gallery}")
-    bodies = multipart_bodies(photos)
+    bodies = KeepAliveClient.bodies([p.read_bytes() for p in photos])
 
     with tempfile.TemporaryDirectory(prefix="visrec-overhead-") as tmp:
         params = yaml.safe_load(args.params.read_text(encoding="utf-8"))
