@@ -156,7 +156,7 @@ def main() -> None:
     system = RecognitionSystem.from_config(rec)
     extractor = system.extractor
     # What the service will embed: the same system's boxes for each photo, in the served gallery
-    # (the cascade, recognition.detect_unless_whole_score, searches it before detecting).
+    # (the cascade, recognition.detect_unless_whole_margin, searches it before detecting).
     crops = sum(len(system.describe(image)[0]) for image in images)
     print(f"{len(photos)} photos, {crops} crops ({crops / len(photos):.2f} a photo); extractor {rec.extractor}, "
           f"detector {rec.detector}, backend {rec.backend}, gallery {rec.gallery}")

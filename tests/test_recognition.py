@@ -359,13 +359,15 @@ def test_gallery_views_decode_each_file_once_and_match_direct_embedding(exported
 
 
 def test_cascade_detects_only_when_the_whole_image_is_not_recognised_confidently():
-    """recognition.detect_unless_whole_score: the whole image is embedded and searched first; the
-    detector runs (and its crops join, before the whole box) only when that best label score is
-    under the setting, searched in the gallery the caller serves."""
+    """recognition.detect_unless_whole_margin: the whole image is embedded and searched first; the
+    detector runs (and its crops join, before the whole box) unless that view's best label passes
+    the score threshold and leads the runner-up by the margin, searched in the gallery the
+    caller serves."""
     from visrec.index.gallery import Gallery
     from visrec.inference.pipeline import RecognitionSystem, Timings
 
     unit = np.eye(4, dtype=np.float32)
+    whole_vector = unit[0] * 0.8 + unit[1] * 0.6
 
     class CountingDetector:
         calls = 0
@@ -374,22 +376,22 @@ def test_cascade_detects_only_when_the_whole_image_is_not_recognised_confidently
             CountingDetector.calls += 1
             return [np.array([[5, 5, 30, 30, 0.9], [10, 10, 20, 20, 0.3]], np.float32) for _ in images]
 
-    class BoxExtractor:  # whole image -> axis 0 (+ a little of axis 1), any crop -> axis 2
+    class BoxExtractor:  # the whole image -> whole_vector, any crop -> axis 2
         calls = []
 
         def embed_boxes(self, image, boxes):
             BoxExtractor.calls.append(len(boxes))
             whole = [float(b[2] - b[0]) == image.shape[1] and float(b[3] - b[1]) == image.shape[0] for b in boxes]
-            vectors = np.stack([unit[0] * 0.8 + unit[1] * 0.6 if w else unit[2] for w in whole])
-            return vectors.astype(np.float32)
+            return np.stack([whole_vector if w else unit[2] for w in whole]).astype(np.float32)
 
     def gallery_of(vectors, labels):
         gallery = Gallery.create(4, "FLAT")
         gallery.add(np.asarray(vectors, np.float32), labels)
         return gallery
 
-    whole_matches = gallery_of([unit[0] * 0.8 + unit[1] * 0.6, unit[2]], ["seen whole", "bird"])  # whole: 1.0
-    whole_doubtful = gallery_of([unit[0], unit[2]], ["seen whole", "bird"])  # whole: 0.8 to its best
+    clear = gallery_of([whole_vector, unit[2]], ["seen whole", "bird"])  # whole: 1.0 vs 0.0
+    ambiguous = gallery_of([unit[0], unit[1]], ["a", "b"])  # whole: 0.8 vs 0.6
+    weak = gallery_of([unit[0], unit[2]], ["a", "bird"])  # whole: 0.8 vs 0.0
 
     def describe(gallery, served=None, **settings):
         system = RecognitionSystem.__new__(RecognitionSystem)
@@ -400,16 +402,18 @@ def test_cascade_detects_only_when_the_whole_image_is_not_recognised_confidently
         return boxes.tolist(), features, CountingDetector.calls, BoxExtractor.calls
 
     whole = [0.0, 0.0, 60.0, 40.0]
-    boxes, features, detected, calls = describe(whole_matches, detect_unless_whole_score=0.9)
+    boxes, features, detected, calls = describe(clear, detect_unless_whole_margin=0.5)
     assert boxes == [whole] and detected == 0 and calls == [1]
-    boxes, features, detected, calls = describe(whole_doubtful, detect_unless_whole_score=0.9)
+    boxes, features, detected, calls = describe(ambiguous, detect_unless_whole_margin=0.5)  # leads by 0.2 only
     assert boxes == [[5, 5, 30, 30], whole] and detected == 1 and calls == [1, 1]  # det 0.3 < det_threshold
-    np.testing.assert_allclose(features, [unit[2], unit[0] * 0.8 + unit[1] * 0.6], atol=1e-6)
+    np.testing.assert_allclose(features, [unit[2], whole_vector], atol=1e-6)
+    assert describe(weak, detect_unless_whole_margin=0.5, score_threshold=0.7)[2] == 0
+    assert describe(weak, detect_unless_whole_margin=0.5, score_threshold=0.9)[2] == 1  # under the threshold
     # the decision searches the gallery passed in (a request's snapshot), not the system's own
-    assert describe(whole_doubtful, whole_matches, detect_unless_whole_score=0.9)[2] == 0
-    assert describe(whole_matches, whole_doubtful, detect_unless_whole_score=0.9)[2] == 1
+    assert describe(ambiguous, clear, detect_unless_whole_margin=0.5)[2] == 0
+    assert describe(clear, ambiguous, detect_unless_whole_margin=0.5)[2] == 1
     # off: every box in one extractor call, as PP-ShiTu
-    boxes, _, detected, calls = describe(whole_matches, detect_unless_whole_score=None)
+    boxes, _, detected, calls = describe(clear, detect_unless_whole_margin=None)
     assert boxes == [[5, 5, 30, 30], whole] and detected == 1 and calls == [2]
-    boxes, _, detected, calls = describe(whole_matches, detect_unless_whole_score=0.9, whole_image_box=False)
+    boxes, _, detected, calls = describe(clear, detect_unless_whole_margin=0.5, whole_image_box=False)
     assert boxes == [[5, 5, 30, 30]] and detected == 1  # no whole image to start from: no cascade

@@ -135,7 +135,7 @@ def open_set_gallery(gallery: GalleryBase, held_out: Sequence[str]) -> GalleryBa
 def describe_queries(system, queries: Sequence[Query], gallery: GalleryBase,
                      desc: str = "queries") -> list[tuple[np.ndarray, np.ndarray]]:
     """Boxes and embeddings of every query image, through the system's detector and extractor
-    (its cascade, ``recognition.detect_unless_whole_score``, deciding by a search in ``gallery``)."""
+    (its cascade, ``recognition.detect_unless_whole_margin``, deciding by a search in ``gallery``)."""
     return [system.describe(load_image(q.path), gallery) for q in tqdm(queries, desc=desc, leave=False)]
 
 
