@@ -417,3 +417,54 @@ def test_cascade_detects_only_when_the_whole_image_is_not_recognised_confidently
     assert boxes == [[5, 5, 30, 30], whole] and detected == 1 and calls == [2]
     boxes, _, detected, calls = describe(clear, detect_unless_whole_margin=0.5, whole_image_box=False)
     assert boxes == [[5, 5, 30, 30]] and detected == 1  # no whole image to start from: no cascade
+
+
+def test_whole_context_blends_each_object_with_its_photo():
+    """recognition.whole_context: a detection's label scores become (1 - w) x its own + w x the
+    whole image's (a label missing from one side's neighbours counts as that side's lowest
+    retrieved score); the whole image is then no result of its own. 0 keeps PP-ShiTu's results."""
+    from visrec.index.gallery import Gallery
+    from visrec.index.label_scores import label_hits, with_context
+    from visrec.inference.pipeline import RecognitionSystem, Timings
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(12, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    labels = [f"label {i % 4}" for i in range(12)]
+    gallery = Gallery.create(8, "FLAT")
+    gallery.add(vectors, labels)
+    queries = rng.normal(size=(3, 8)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    rows = gallery.search(queries, 5)  # 5 of 12 neighbours: some labels are missing from a row
+    per_row = [label_hits(row, gallery.label_counts(), 2) for row in rows]
+
+    blended = with_context(per_row[0], rows[0][-1].score, per_row[2], rows[2][-1].score, 0.3)
+    own = {h.label: h.score for h in per_row[0]}
+    context = {h.label: h.score for h in per_row[2]}
+    for hit in blended:  # brute-force reference
+        expected = 0.7 * own.get(hit.label, rows[0][-1].score) + 0.3 * context.get(hit.label, rows[2][-1].score)
+        assert hit.score == pytest.approx(expected, abs=1e-6)
+    assert [h.score for h in blended] == sorted((h.score for h in blended), reverse=True)
+    assert {h.label for h in blended} == set(own) | set(context)
+
+    system = RecognitionSystem.__new__(RecognitionSystem)
+    system.timings, system.gallery = Timings(), gallery
+    boxes = np.array([[5, 5, 30, 30], [40, 10, 60, 35], [0, 0, 64, 48]], np.float32)  # 2 objects + the whole image
+
+    def results(weight):
+        system.settings = RecognitionConfig(whole_context=weight, class_top_m=2, search_k=5, nms_iou=1.0)
+        return system.recognize(boxes, queries, top_k=3, threshold=-2.0, return_topk=True)
+
+    separate = results(0.0)
+    assert sorted(r["bbox"] for r in separate) == sorted(boxes.astype(int).tolist())
+    combined = results(0.3)
+    assert sorted(r["bbox"] for r in combined) == sorted(boxes[:2].astype(int).tolist())  # no whole-image result
+    for result, own_row, floor in ((r, per_row[i], rows[i][-1].score) for i, r in
+                                   ((boxes[:2].astype(int).tolist().index(r["bbox"]), r) for r in combined)):
+        best = with_context(own_row, floor, per_row[2], rows[2][-1].score, 0.3)[0]
+        assert result["rec_docs"] == best.label and result["rec_scores"] == pytest.approx(best.score, abs=1e-5)
+    system.settings = RecognitionConfig(whole_context=0.3)
+    assert len(system.recognize(np.array([[0, 0, 64, 48]], np.float32), queries[2:], threshold=-2.0)) == 1
+    with pytest.raises(ValueError, match="whole_context"):
+        system.settings = RecognitionConfig(whole_context=1.5)
+        system.recognize(boxes, queries, threshold=-2.0)

@@ -37,3 +37,22 @@ def label_hits(hits: Sequence[Hit], label_counts: Mapping[str, int], top_m: int)
         scored.append(Hit(best.id, label, sum(scores) / m, best.metadata))
     scored.sort(key=lambda h: -h.score)  # stable: ties keep the order of their nearest entries
     return scored
+
+
+def with_context(object_hits: Sequence[Hit], object_floor: float, context_hits: Sequence[Hit],
+                 context_floor: float, weight: float) -> list[Hit]:
+    """An object's label scores blended with its photo's: ``(1 - weight) * object + weight * context``
+    per label, best first. A label missing from one side's neighbours counts as that side's
+    ``floor`` (its lowest retrieved score: the label is at most that similar). The ``id`` and
+    metadata stay the object's nearest entry of the label when it has one."""
+    objects = {h.label: h for h in object_hits}
+    contexts = {h.label: h for h in context_hits}
+    blended = []
+    for label in objects.keys() | contexts.keys():
+        own, context = objects.get(label), contexts.get(label)
+        score = ((1.0 - weight) * (own.score if own else object_floor)
+                 + weight * (context.score if context else context_floor))
+        nearest = own or context
+        blended.append(Hit(nearest.id, label, score, nearest.metadata))
+    blended.sort(key=lambda h: -h.score)
+    return blended

@@ -10,7 +10,9 @@ PP-ShiTu) the whole-image box; every crop goes through the extractor in ONE batc
 first, and the detector runs unless that view is recognised, passing the score threshold with
 its best label ahead of the runner-up by the margin);
 each embedding searches the gallery (``search_k`` neighbours), and each label gets a score
-(the mean of its best ``class_top_m`` similarities, ``visrec.index.label_scores``); the top-k
+(the mean of its best ``class_top_m`` similarities, ``visrec.index.label_scores``); with
+``whole_context`` > 0 each detected object's label scores are blended with the whole image's
+(which then is no result of its own: the photo is the object's context); the top-k
 labels are the candidates; results under the score threshold are dropped;
 class-agnostic NMS over the recognised boxes, best score first, keeps one result per object.
 Without a detector (``detector: null``) the whole image is the one object.
@@ -34,7 +36,7 @@ from visrec.inference.export import ONNX_FILE
 from visrec.inference.extractor_runtime import Extractor
 from visrec.index.factory import open_gallery
 from visrec.index.gallery_api import GalleryBase
-from visrec.index.label_scores import label_hits
+from visrec.index.label_scores import label_hits, with_context
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,12 @@ def load_detector(rec_cfg: RecognitionConfig) -> Detector | None:
 def whole_box(width: int, height: int) -> np.ndarray:
     """The whole-image box ``[1, 4]``."""
     return np.array([[0, 0, width, height]], dtype=np.float32)
+
+
+def is_whole_box(box: np.ndarray, others: np.ndarray) -> bool:
+    """Whether ``box`` is the whole image the ``others`` (clipped detections) lie in."""
+    return bool(box[0] == 0 and box[1] == 0 and (len(others) == 0 or (
+        box[2] >= others[:, 2].max() and box[3] >= others[:, 3].max())))
 
 
 class RecognitionSystem:
@@ -188,7 +196,18 @@ class RecognitionSystem:
         k = int(top_k or self.settings.top_k)
         neighbours = gallery.search(features, max(k, int(self.settings.search_k)))
         counts = gallery.label_counts()
-        hits = [label_hits(row, counts, self.settings.class_top_m)[:k] for row in neighbours]
+        hits = [label_hits(row, counts, self.settings.class_top_m) for row in neighbours]
+        weight = float(self.settings.whole_context)
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"recognition.whole_context is a weight in [0, 1], got {weight}")
+        if weight > 0 and len(boxes) > 1 and is_whole_box(boxes[-1], boxes[:-1]) and all(len(r) for r in neighbours):
+            # Each detected object is scored with its photo as context; the whole photo is then
+            # no result of its own (describe puts it last).
+            floors = [row[-1].score for row in neighbours]
+            hits = [with_context(own, floor, hits[-1], floors[-1], weight)
+                    for own, floor in zip(hits[:-1], floors[:-1], strict=True)]
+            boxes = boxes[:-1]
+        hits = [row[:k] for row in hits]
         self.timings.search += time.perf_counter() - start
         return self._select(boxes, hits, self.threshold if threshold is None else float(threshold), return_topk)
 
