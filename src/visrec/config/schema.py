@@ -169,7 +169,7 @@ class RecognitionConfig:
     detect_unless_whole_margin: float | None = 0.03
     # Each detected object's label scores: (1 - w) x its own + w x the whole image's; the whole
     # image is then no result of its own when something is detected (0: PP-ShiTu's separate
-    # results). 0.5: +0.8-1.4 points of top-1 on three real CUB sets, no cost (results.md).
+    # results). 0.5: +0.7-0.8 points of top-1 on three real CUB sets, no cost (results.md).
     whole_context: float = 0.5
     top_k: int = 5  # gallery candidates searched per box
     # cosine similarity a recognition needs; null uses the threshold calibrated by build_index
