@@ -22,6 +22,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import requests
@@ -55,8 +56,8 @@ class KeepAliveClient:
     CPU a request here, this 0.3)."""
 
     def __init__(self, url: str, timeout: float) -> None:
-        self.host, port = url.split("://", 1)[1].rstrip("/").split(":")
-        self.port, self.timeout = int(port), timeout
+        parts = urlsplit(url)
+        self.host, self.port, self.timeout = parts.hostname, parts.port or 80, timeout
         self.local = threading.local()
 
     @staticmethod

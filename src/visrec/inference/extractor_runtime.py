@@ -57,6 +57,11 @@ class Extractor:
         out = self.predictor(batch)[0]
         return np.asarray(out, dtype=np.float32).reshape(len(batch), -1)
 
+    def embed_preprocessed(self, batch: np.ndarray) -> np.ndarray:
+        """Preprocessed NCHW rows -> [N, D]; one network call per ``batch_size`` rows."""
+        return np.concatenate([self.embed_batch(batch[first:first + self.batch_size])
+                               for first in range(0, len(batch), self.batch_size)])
+
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Whole images (or crops) -> [N, D]; one network call per ``batch_size`` images."""
         if len(images) == 0:

@@ -136,8 +136,7 @@ def embed_items(extractor: Extractor, items: Sequence[GalleryItem], batch_size: 
             following = start + batch_size
             pending = (prefetch.submit(preprocess_items, extractor, items[following:following + batch_size])
                        if following < len(items) else None)
-            for first in range(0, len(batch), extractor.batch_size):
-                chunks.append(extractor.embed_batch(batch[first:first + extractor.batch_size]))
+            chunks.append(extractor.embed_preprocessed(batch))
     vectors = np.concatenate(chunks)
     norms = np.linalg.norm(vectors, axis=1)
     bad = np.nonzero(~np.isfinite(norms) | (norms < 1e-6))[0]

@@ -170,14 +170,20 @@ class RecognitionSystem:
         gallery = self.gallery if gallery is None else gallery
         if len(gallery) == 0:
             return False
-        start = time.perf_counter()
-        neighbours = gallery.search(whole_features, int(self.settings.search_k))[0]
-        hits = label_hits(neighbours, gallery.label_counts(), self.settings.class_top_m)
-        self.timings.search += time.perf_counter() - start
+        hits = self._label_scores(whole_features, gallery, int(self.settings.search_k))[1][0]
         if not hits or hits[0].score < self.threshold:
             return False
         runner_up = hits[1].score if len(hits) > 1 else -1.0
         return hits[0].score - runner_up >= float(self.settings.detect_unless_whole_margin)
+
+    def _label_scores(self, features: np.ndarray, gallery: GalleryBase, neighbours_k: int):
+        """Each row's ``neighbours_k`` nearest gallery entries and its label scores (``label_hits``)."""
+        start = time.perf_counter()
+        neighbours = gallery.search(features, neighbours_k)
+        counts = gallery.label_counts()
+        hits = [label_hits(row, counts, self.settings.class_top_m) for row in neighbours]
+        self.timings.search += time.perf_counter() - start
+        return neighbours, hits
 
     def _embed(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
@@ -192,11 +198,8 @@ class RecognitionSystem:
         gallery = self.gallery if gallery is None else gallery
         if len(gallery) == 0:
             raise ValueError("the gallery is empty: add images first (`visrec gallery add LIST`)")
-        start = time.perf_counter()
         k = int(top_k or self.settings.top_k)
-        neighbours = gallery.search(features, max(k, int(self.settings.search_k)))
-        counts = gallery.label_counts()
-        hits = [label_hits(row, counts, self.settings.class_top_m) for row in neighbours]
+        neighbours, hits = self._label_scores(features, gallery, max(k, int(self.settings.search_k)))
         weight = float(self.settings.whole_context)
         if not 0.0 <= weight <= 1.0:
             raise ValueError(f"recognition.whole_context is a weight in [0, 1], got {weight}")
@@ -208,7 +211,6 @@ class RecognitionSystem:
                     for own, floor in zip(hits[:-1], floors[:-1], strict=True)]
             boxes = boxes[:-1]
         hits = [row[:k] for row in hits]
-        self.timings.search += time.perf_counter() - start
         return self._select(boxes, hits, self.threshold if threshold is None else float(threshold), return_topk)
 
     def predict(self, image: np.ndarray, top_k: int | None = None, threshold: float | None = None,
