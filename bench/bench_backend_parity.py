@@ -3,7 +3,9 @@
 1. **Parity**: the pipeline's gallery served from Faiss, and a copy moved to Milvus with
    ``visrec gallery migrate --to milvus``: ``/recognize`` on the same query photos must give the
    same labels and boxes, scores within ``--tolerance`` (1e-4). Each engine builds its own HNSW
-   graph, so approximate neighbours can differ; ``--index-type FLAT`` compares exact searches.
+   graph, so approximate neighbours could differ; galleries under ``index.exact_below`` entries
+   (the ``make repro`` one has 1,000) are searched exhaustively on both. ``--index-type FLAT``
+   re-indexes the gallery as FLAT first.
 2. **Promotion under load** (Milvus): the service serves champion A; ``--clients`` clients send
    ``--requests`` ``/recognize`` requests while champion B (same models, a gallery without
    ``--drop-labels`` labels, so some answers differ) is published, moving the alias. Every answer

@@ -147,6 +147,43 @@ def test_ids_never_reused(backend, index_type, data, tmp_path):
     assert loaded.info()["next_id"] == 203
 
 
+@pytest.fixture(scope="module")
+def unstructured() -> tuple[np.ndarray, np.ndarray]:
+    """I.i.d. random vectors: no neighbourhood structure, so approximate search misses often."""
+    rng = np.random.default_rng(3)
+    return unit(rng.standard_normal((1500, DIM))), unit(rng.standard_normal((40, DIM)))
+
+
+def brute_force(x: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-(queries @ x.T), axis=1, kind="stable")[:, :k]
+
+
+@pytest.mark.parametrize(("backend", "index_type"), EVERY, indirect=["backend"])
+def test_small_gallery_answers_exactly_on_every_index(backend, index_type, unstructured):
+    """Below ``exact_below`` entries the answer is brute force's whatever the index type and
+    its search knobs, so two engines holding the same vectors answer the same."""
+    x, queries = unstructured
+    gallery = backend.from_vectors(x, [f"c{i % 30}" for i in range(len(x))], index_type=index_type,
+                                   **({"ef_search": 10} if index_type == "HNSW32" else {}),
+                                   **({"nprobe": 1} if index_type == "IVF" else {}))
+    _, ids = gallery.search_arrays(queries, 10)
+    np.testing.assert_array_equal(ids, brute_force(x, queries, 10))
+
+
+@pytest.mark.parametrize("index_type", ["HNSW32", "IVF"])
+def test_large_gallery_search_stays_approximate(index_type, unstructured):
+    """The control: with ``exact_below`` under the gallery's size the same narrow search knobs
+    miss neighbours (Faiss), so the exact answers above come from the rule, not from luck."""
+    x, queries = unstructured
+    knobs = {"ef_search": 10} if index_type == "HNSW32" else {"nprobe": 1}
+    gallery = Gallery.build(x, [f"c{i % 30}" for i in range(len(x))], index_type=index_type,
+                            exact_below=len(x), **knobs)
+    _, ids = gallery.search_arrays(queries, 10)
+    assert (ids != brute_force(x, queries, 10)).any()
+    gallery.tune(exact_below=len(x) + 1)
+    np.testing.assert_array_equal(gallery.search_arrays(queries, 10)[1], brute_force(x, queries, 10))
+
+
 def test_remove_unknown_id_changes_nothing(backend, data):
     gallery = build("FLAT", data, backend)
     with pytest.raises(UnknownIdError, match=r"no id\(s\) \[999\].*nothing was removed"):
@@ -155,9 +192,10 @@ def test_remove_unknown_id_changes_nothing(backend, data):
     assert gallery.remove([1, 999], missing_ok=True) == 1
 
 
-def test_hnsw_compaction_preserves_ids(data):
+@pytest.mark.parametrize("exact_below", [0, 10_000], ids=["graph", "exact"])
+def test_hnsw_compaction_preserves_ids(data, exact_below):
     x, _ = data
-    gallery = build("HNSW32", data, compact_fraction=0.2)
+    gallery = build("HNSW32", data, compact_fraction=0.2, exact_below=exact_below)
     gallery.remove(range(0, 30))  # 30 <= 0.2 * 200: tombstones only
     assert gallery.info()["tombstones"] == 30 and gallery.info()["internal_size"] == 200
     assert not set(range(30)) & all_result_ids(gallery, x, 10)
@@ -188,9 +226,10 @@ def test_remove_label_with_any_characters(backend):
         assert len(gallery) == 2 * (len(odd) - n) and label not in gallery.labels()
 
 
-def test_hnsw_few_survivors_returns_short_lists(data):
+@pytest.mark.parametrize("exact_below", [0, 10_000], ids=["graph", "exact"])
+def test_hnsw_few_survivors_returns_short_lists(data, exact_below):
     x, _ = data
-    gallery = build("HNSW32", data, compact_fraction=0.99)
+    gallery = build("HNSW32", data, compact_fraction=0.99, exact_below=exact_below)
     gallery.remove(range(3, 200))
     assert gallery.info()["tombstones"] == 197  # search must skip -1 ids from the selector
     rows = gallery.search(x[:5], 10)

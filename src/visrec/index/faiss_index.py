@@ -40,6 +40,11 @@ IVF_POINTS_PER_LIST = 39
 #: Below this many vectors an IVF index cannot be trained meaningfully.
 IVF_MIN_TRAIN = 2
 _RECONSTRUCT_CHUNK = 65_536
+#: Galleries with fewer live entries than this are searched exhaustively whatever their index type
+#: (HNSW: brute force over its vectors; IVF: every list). Below ~10k vectors exact search costs
+#: well under a millisecond a query, and its answers are exact, so they do not depend on how an
+#: engine happened to build its graph: the same gallery gives the same answers on Faiss and Milvus.
+EXACT_BELOW = 10_000
 
 
 def set_num_threads(num_threads: int) -> None:
@@ -169,8 +174,8 @@ class IVFBackend(IndexBackend):
 
     kind = "IVF"
     #: ``nlist=None`` means "choose from the size of the first batch" (see :func:`auto_nlist`).
-    defaults: ClassVar[dict[str, Any]] = {"nlist": None, "nprobe": 16}
-    tunable = frozenset({"nprobe"})
+    defaults: ClassVar[dict[str, Any]] = {"nlist": None, "nprobe": 16, "exact_below": EXACT_BELOW}
+    tunable = frozenset({"nprobe", "exact_below"})
 
     def __init__(self, dim: int, params: dict[str, Any], index: faiss.Index | None = None) -> None:
         super().__init__(dim, params)
@@ -208,7 +213,10 @@ class IVFBackend(IndexBackend):
         self.index.remove_ids(ids)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        nprobe = max(1, min(int(self.params["nprobe"]), int(self.index.nlist)))
+        nlist = int(self.index.nlist)
+        # Every list probed is an exhaustive search (see EXACT_BELOW).
+        nprobe = nlist if self.count < int(self.params["exact_below"]) else int(self.params["nprobe"])
+        nprobe = max(1, min(nprobe, nlist))
         return self.index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
 
     def vector_chunks(self, chunk: int = _RECONSTRUCT_CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -248,8 +256,8 @@ class HNSWBackend(IndexBackend):
     # recall@1 ~1.0 of FLAT at ~15x its QPS. I.i.d. random 512-d vectors have no neighbourhood
     # structure and no setting gets close there (efSearch 512: recall@1 0.58 at 1.6x FLAT's QPS).
     defaults: ClassVar[dict[str, Any]] = {"hnsw_m": 32, "ef_construction": 64, "ef_search": 64,
-                                          "compact_fraction": 0.2}
-    tunable = frozenset({"ef_search", "compact_fraction"})
+                                          "compact_fraction": 0.2, "exact_below": EXACT_BELOW}
+    tunable = frozenset({"ef_search", "compact_fraction", "exact_below"})
 
     def __init__(self, dim: int, params: dict[str, Any], index: faiss.Index | None = None,
                  pos2id: np.ndarray | None = None, tombstones: np.ndarray | None = None) -> None:
@@ -315,16 +323,25 @@ class HNSWBackend(IndexBackend):
         self._id2pos = {int(g): p for p, g in enumerate(self.pos2id)}
         self._selector = None
 
+    def _alive_selector(self) -> Any:
+        """An IDSelector of the positions not tombstoned (None: all are alive)."""
+        if not self.tombstones:
+            return None
+        if self._selector is None:
+            batch = faiss.IDSelectorBatch(np.fromiter(self.tombstones, dtype=np.int64))
+            self._selector = (batch, faiss.IDSelectorNot(batch))  # keep both alive
+        return self._selector[1]
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        ef = max(int(self.params["ef_search"]), k)
-        if self.tombstones:
-            if self._selector is None:
-                batch = faiss.IDSelectorBatch(np.fromiter(self.tombstones, dtype=np.int64))
-                self._selector = (batch, faiss.IDSelectorNot(batch))  # keep both alive
-            params = faiss.SearchParametersHNSW(sel=self._selector[1], efSearch=ef)
+        sel = self._alive_selector()
+        if self.count < int(self.params["exact_below"]):
+            # Brute force over the graph's own vector store (see EXACT_BELOW).
+            flat = faiss.downcast_index(self.index.storage)
+            scores, pos = flat.search(queries, k, params=faiss.SearchParameters(sel=sel) if sel else None)
         else:
-            params = faiss.SearchParametersHNSW(efSearch=ef)
-        scores, pos = self.index.search(queries, k, params=params)
+            ef = max(int(self.params["ef_search"]), k)
+            params = faiss.SearchParametersHNSW(sel=sel, efSearch=ef) if sel else faiss.SearchParametersHNSW(efSearch=ef)
+            scores, pos = self.index.search(queries, k, params=params)
         ids = np.where(pos >= 0, self.pos2id[np.clip(pos, 0, None)] if len(self.pos2id) else -1, -1)
         return scores, ids.astype(np.int64)
 
@@ -371,7 +388,8 @@ def index_params(index_cfg) -> dict[str, Any]:
     """The knobs of ``IndexConfig`` (params ``index``) that the chosen index type takes."""
     if index_cfg.index_type == "HNSW32":
         return {"hnsw_m": index_cfg.hnsw_m, "ef_construction": index_cfg.ef_construction,
-                "ef_search": index_cfg.ef_search, "compact_fraction": index_cfg.compact_fraction}
+                "ef_search": index_cfg.ef_search, "compact_fraction": index_cfg.compact_fraction,
+                "exact_below": index_cfg.exact_below}
     if index_cfg.index_type == "IVF":
-        return {"nprobe": index_cfg.nprobe}
+        return {"nprobe": index_cfg.nprobe, "exact_below": index_cfg.exact_below}
     return {}

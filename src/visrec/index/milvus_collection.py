@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from visrec.index import milvus_store as store
-from visrec.index.faiss_index import backend_class
+from visrec.index.faiss_index import EXACT_BELOW, backend_class
 from visrec.index.gallery_api import GalleryBase, Hit, check_top_k, requested_ids, unknown_ids_error
 from visrec.index.gallery_store import now
 
@@ -241,20 +241,27 @@ class MilvusCollectionGallery(GalleryBase):
         self._client.load_collection(self.collection)
 
     # ----------------------------------------------------------------- search
-    def _search_params(self, k: int) -> dict[str, Any]:
+    def _search_params(self, k: int, count: int) -> dict[str, Any]:
+        # A gallery of fewer than ``exact_below`` entries is searched exhaustively, as on Faiss
+        # (faiss_index.EXACT_BELOW): Milvus has no brute-force switch for an indexed collection, but
+        # an HNSW beam as wide as the gallery visits all of it, and so does probing every IVF list.
+        exact = count < int(self._params.get("exact_below", EXACT_BELOW))
         if self.index_type == "HNSW32":
-            return {"metric_type": "IP", "params": {"ef": max(int(self._params["ef_search"]), k)}}
+            ef = max(int(self._params["ef_search"]), k, count if exact else 0)
+            return {"metric_type": "IP", "params": {"ef": ef}}
         if self.index_type == "IVF":
-            return {"metric_type": "IP", "params": {"nprobe": int(self._params["nprobe"])}}
+            nprobe = int(self._params["nlist"]) if exact else int(self._params["nprobe"])
+            return {"metric_type": "IP", "params": {"nprobe": nprobe}}
         return {"metric_type": "IP", "params": {}}
 
     def _search_rows(self, queries: Any, top_k: int) -> list[list[dict[str, Any]]]:
         q = self._vectors(queries, "queries")
-        k = min(check_top_k(top_k), len(self))
+        count = len(self)
+        k = min(check_top_k(top_k), count)
         if k == 0:
             return [[] for _ in range(len(q))]
         return self._client.search(self.collection, data=list(q), limit=k, output_fields=["label", "meta"],
-                                   search_params=self._search_params(k),
+                                   search_params=self._search_params(k, count),
                                    consistency_level=self.settings.consistency_level)
 
     def search_arrays(self, queries: Any, top_k: int = 5) -> tuple[np.ndarray, np.ndarray]:
