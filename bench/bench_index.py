@@ -149,6 +149,8 @@ def rate(value: float) -> str:
 
 def hnsw_params(index_type: str, args) -> dict:
     params = {}
+    if index_type.upper() in ("HNSW32", "IVF"):
+        params["exact_below"] = args.exact_below
     if index_type.upper().startswith("HNSW"):
         if args.ef_construction:
             params["ef_construction"] = args.ef_construction
@@ -177,6 +179,9 @@ def main() -> None:
     parser.add_argument("--ef-construction", type=int, default=None)
     parser.add_argument("--hnsw-m", type=int, default=None)
     parser.add_argument("--nprobe", type=int, nargs="+", default=[None], help="IVF nprobe values to sweep")
+    parser.add_argument("--exact-below", type=int, default=0,
+                        help="HNSW/IVF galleries smaller than this are searched exhaustively (the pipeline's "
+                             "index.exact_below, 5000; 0 here so that the index types themselves are measured)")
     parser.add_argument("--add-chunk", type=int, default=50_000, help="vectors per gallery.add call")
     parser.add_argument("--insert-batch", type=int, default=5_000, help="Milvus: rows per insert call")
     parser.add_argument("--milvus-uri", help="an existing Milvus server (default: a Milvus Lite server for this run)")
@@ -202,8 +207,8 @@ def main() -> None:
     with milvus_server(args.milvus_uri if "milvus" in args.backend else "unused", args.threads) as uri:
         from visrec.index.milvus_store import MilvusSettings
 
-        settings = MilvusSettings(uri=uri, alias_prefix="bench", consistency_level="Bounded",
-                                  insert_batch=args.insert_batch)
+        settings = (MilvusSettings(uri=uri, alias_prefix="bench", consistency_level="Bounded",
+                                   insert_batch=args.insert_batch) if "milvus" in args.backend else None)
         for n in sizes:
             if args.features:
                 gallery_x, queries = pool[:n], queries_all
@@ -225,7 +230,8 @@ def main() -> None:
                         search = lambda q: gallery.search_arrays(q, args.top_k)  # noqa: E731
                         one = qps(search, timed, 1, args.qps_seconds)
                         many = qps(search, timed, args.clients, args.qps_seconds)
-                        shown = {k: v for k, v in gallery.index_params.items() if k != "compact_fraction"}
+                        shown = {k: v for k, v in gallery.index_params.items()
+                                 if k not in ("compact_fraction", "exact_below") or (k == "exact_below" and v)}
                         print(f"| {n:,} | {backend} | {gallery.index_type} | "
                               f"{', '.join(f'{k}={v}' for k, v in shown.items()) or '-'} | {build_s:.1f} | "
                               f"{insert_rate:,.0f} | {rate(one)} | {rate(many)} | {hit.mean():.3f} |", flush=True)

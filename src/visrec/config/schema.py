@@ -137,7 +137,7 @@ class IndexConfig:
     ef_search: int = 64
     nprobe: int = 16  # IVF cells searched per query
     compact_fraction: float = 0.2  # HNSW: rebuild once this share of entries is deleted
-    exact_below: int = 10_000  # HNSW/IVF galleries smaller than this are searched exhaustively (0: never)
+    exact_below: int = 5_000  # HNSW/IVF galleries smaller than this are searched exhaustively (0: never)
     delimiter: str = "\t"  # gallery list files: relative/path<delimiter>label
     gallery_per_class: int = 5  # test-split images per class put in the gallery; the rest are queries
     open_set_fraction: float = 0.2  # test classes left out of a gallery copy to measure rejection
