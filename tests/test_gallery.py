@@ -184,6 +184,38 @@ def test_large_gallery_search_stays_approximate(index_type, unstructured):
     np.testing.assert_array_equal(gallery.search_arrays(queries, 10)[1], brute_force(x, queries, 10))
 
 
+@pytest.mark.parametrize("index_type", ["HNSW32", "FLAT"])
+def test_label_centroids_follow_every_change(backend, index_type, data):
+    """Each label's centroid is the unit mean of its vectors, recomputed after adds and removals."""
+    x, labels = data
+    gallery = build(index_type, data, backend)
+
+    def reference(keep: list[int], extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        groups: dict[str, list[np.ndarray]] = {}
+        for i in keep:
+            groups.setdefault(labels[i], []).append(x[i])
+        for label, vector in (extra or {}).items():
+            groups.setdefault(label, []).append(vector)
+        return {label: unit(np.mean(v, axis=0)) for label, v in groups.items()}
+
+    def check(expected: dict[str, np.ndarray]) -> None:
+        table = gallery.label_centroids()
+        assert set(table.labels) == set(expected)
+        for label, centroid in expected.items():
+            np.testing.assert_allclose(table.vectors[table.row_of[label]], centroid, atol=1e-5)
+
+    check(reference(list(range(len(x)))))
+    new = unit(np.random.default_rng(4).standard_normal((1, DIM)))
+    gallery.add(new, "class 3")
+    gallery.remove([15, 16])  # two of class 3's five
+    gallery.remove_label("class 7")
+    keep = [i for i in range(len(x)) if i not in (15, 16) and labels[i] != "class 7"]
+    check(reference(keep, {"class 3": new[0]}))
+    similarities = gallery.label_centroids().similarities(new, ["class 3", "no such label"])
+    assert similarities[0, 0] == pytest.approx(float(new[0] @ reference(keep, {"class 3": new[0]})["class 3"]), abs=1e-5)
+    assert np.isnan(similarities[0, 1])
+
+
 def test_remove_unknown_id_changes_nothing(backend, data):
     gallery = build("FLAT", data, backend)
     with pytest.raises(UnknownIdError, match=r"no id\(s\) \[999\].*nothing was removed"):

@@ -82,9 +82,9 @@ def test_extractor_refuses_a_detector_export(exported_models):
 
 def test_gallery_image_is_recognised_as_its_label_without_detector(exported_models, whole_image_gallery):
     path, items = whole_image_gallery
-    # class_top_m 1: nearest neighbour, so a gallery image's own entry (similarity 1) decides
+    # class_top_m 1 and no centroids: nearest neighbour, so a gallery image's own entry (similarity 1) decides
     system = RecognitionSystem.from_config(rec_config(exported_models, path, detector=False, score_threshold=0.0,
-                                                      class_top_m=1))
+                                                      class_top_m=1, centroid_weight=0.0))
     for item in items[:5]:
         image = load_image(item.path)
         results = system.predict(image)
@@ -419,22 +419,28 @@ def test_cascade_detects_only_when_the_whole_image_is_not_recognised_confidently
     assert boxes == [[5, 5, 30, 30]] and detected == 1  # no whole image to start from: no cascade
 
 
-def test_whole_context_blends_each_object_with_its_photo():
-    """recognition.whole_context: a detection's label scores become (1 - w) x its own + w x the
-    whole image's (a label missing from one side's neighbours counts as that side's lowest
-    retrieved score); the whole image is then no result of its own. 0 keeps PP-ShiTu's results."""
+def four_label_gallery(seed: int, queries: int):
+    """A FLAT gallery of 12 random unit vectors under 4 labels, and random unit queries."""
     from visrec.index.gallery import Gallery
-    from visrec.index.label_scores import label_hits, with_context
-    from visrec.inference.pipeline import RecognitionSystem, Timings
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     vectors = rng.normal(size=(12, 8)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     labels = [f"label {i % 4}" for i in range(12)]
     gallery = Gallery.create(8, "FLAT")
     gallery.add(vectors, labels)
-    queries = rng.normal(size=(3, 8)).astype(np.float32)
-    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    asked = rng.normal(size=(queries, 8)).astype(np.float32)
+    return gallery, vectors, labels, asked / np.linalg.norm(asked, axis=1, keepdims=True)
+
+
+def test_whole_context_blends_each_object_with_its_photo():
+    """recognition.whole_context: a detection's label scores become (1 - w) x its own + w x the
+    whole image's (a label missing from one side's neighbours counts as that side's lowest
+    retrieved score); the whole image is then no result of its own. 0 keeps PP-ShiTu's results."""
+    from visrec.index.label_scores import label_hits, with_context
+    from visrec.inference.pipeline import RecognitionSystem, Timings
+
+    gallery, _, _, queries = four_label_gallery(seed=0, queries=3)
     rows = gallery.search(queries, 5)  # 5 of 12 neighbours: some labels are missing from a row
     per_row = [label_hits(row, gallery.label_counts(), 2) for row in rows]
 
@@ -452,7 +458,8 @@ def test_whole_context_blends_each_object_with_its_photo():
     boxes = np.array([[5, 5, 30, 30], [40, 10, 60, 35], [0, 0, 64, 48]], np.float32)  # 2 objects + the whole image
 
     def results(weight):
-        system.settings = RecognitionConfig(whole_context=weight, class_top_m=2, search_k=5, nms_iou=1.0)
+        system.settings = RecognitionConfig(whole_context=weight, class_top_m=2, search_k=5, nms_iou=1.0,
+                                            centroid_weight=0.0)
         return system.recognize(boxes, queries, top_k=3, threshold=-2.0, return_topk=True)
 
     separate = results(0.0)
@@ -463,8 +470,38 @@ def test_whole_context_blends_each_object_with_its_photo():
                                    ((boxes[:2].astype(int).tolist().index(r["bbox"]), r) for r in combined)):
         best = with_context(own_row, floor, per_row[2], rows[2][-1].score, 0.3)[0]
         assert result["rec_docs"] == best.label and result["rec_scores"] == pytest.approx(best.score, abs=1e-5)
-    system.settings = RecognitionConfig(whole_context=0.3)
+    system.settings = RecognitionConfig(whole_context=0.3, centroid_weight=0.0)
     assert len(system.recognize(np.array([[0, 0, 64, 48]], np.float32), queries[2:], threshold=-2.0)) == 1
     with pytest.raises(ValueError, match="whole_context"):
         system.settings = RecognitionConfig(whole_context=1.5)
-        system.recognize(boxes, queries, threshold=-2.0)
+    with pytest.raises(ValueError, match="centroid_weight"):
+        system.settings = RecognitionConfig(centroid_weight=-0.1)
+
+
+def test_centroid_weight_blends_each_label_with_its_centroid():
+    """recognition.centroid_weight: a box's label score becomes (1 - w) x its best-m mean + w x its
+    cosine to the label's unit mean vector; every box of a photo is scored on every label any of
+    them found (a label outside a box's neighbours counts that box's lowest retrieved score)."""
+    from visrec.index.label_scores import label_hits
+    from visrec.inference.pipeline import RecognitionSystem, Timings
+
+    gallery, vectors, labels, queries = four_label_gallery(seed=1, queries=2)
+    centroids = {label: vectors[[i for i, lab in enumerate(labels) if lab == label]].mean(0) for label in set(labels)}
+    centroids = {label: c / np.linalg.norm(c) for label, c in centroids.items()}
+
+    system = RecognitionSystem.__new__(RecognitionSystem)
+    system.timings, system.gallery = Timings(), gallery
+    system.settings = RecognitionConfig(class_top_m=2, search_k=4, centroid_weight=0.4)
+    neighbours, blended = system._label_scores(queries, gallery, 4)
+    found = {h.label for row in neighbours for h in row}
+    for row, hits, query in zip(neighbours, blended, queries, strict=True):
+        own = {h.label: h.score for h in label_hits(row, gallery.label_counts(), 2)}
+        assert {h.label for h in hits} == found  # both boxes scored on the same labels
+        for hit in hits:  # brute-force reference
+            expected = 0.6 * own.get(hit.label, row[-1].score) + 0.4 * float(query @ centroids[hit.label])
+            assert hit.score == pytest.approx(expected, abs=1e-5)
+            assert gallery.label_of(hit.id) == hit.label
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    system.settings = RecognitionConfig(class_top_m=2, search_k=4, centroid_weight=0.0)
+    plain = system._label_scores(queries, gallery, 4)[1]
+    assert plain == [label_hits(row, gallery.label_counts(), 2) for row in neighbours]

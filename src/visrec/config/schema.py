@@ -181,6 +181,9 @@ class RecognitionConfig:
     # gallery vectors (1: plain nearest neighbour), over the search_k nearest neighbours.
     class_top_m: int = 3
     search_k: int = 50
+    # ... blended with the box's cosine to the label's centroid (unit mean of its gallery vectors):
+    # (1 - w) x that score + w x the centroid's. 0: off (no pass over the gallery's vectors).
+    centroid_weight: float = 0.5
     # Gallery images are embedded as these views, each a vector of the same label:
     # whole (the photo), object (its known box, else the detector's best box, if any).
     gallery_views: list[str] = field(default_factory=lambda: ["whole", "object"])

@@ -108,6 +108,10 @@ class Gallery(GalleryBase):
         """Every stored (normalised) vector as ``(ids, vectors)`` chunks, in no particular order."""
         yield from self._backend.vector_chunks(chunk)
 
+    def labelled_vector_chunks(self) -> Iterator[tuple[list[str], np.ndarray]]:
+        for ids, vectors in self._backend.vector_chunks():
+            yield [self._entries[int(i)][0] for i in ids], vectors
+
     def labels(self) -> set[str]:
         return {label for label, _ in self._entries.values()}
 
@@ -147,6 +151,7 @@ class Gallery(GalleryBase):
         self._backend.add(x, ids)  # may raise (e.g. IVF too small) before touching our state
         self._entries.update(zip(ids.tolist(), zip(labels, metas, strict=True), strict=True))
         self._label_counts = None
+        self._forget_centroids()
         self.next_id += len(x)
         return ids.tolist()
 
@@ -167,6 +172,7 @@ class Gallery(GalleryBase):
             for i in present.tolist():
                 del self._entries[i]
             self._label_counts = None
+            self._forget_centroids()
         return int(present.size)
 
     def remove_label(self, label: str) -> int:

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from visrec.index.centroids import LabelCentroids
+
 RESERVED_KEYS = frozenset({"id", "label"})
 BUILD_HINT = "`visrec gallery build LIST`"
 
@@ -115,6 +117,22 @@ class GalleryBase(ABC):
 
     @abstractmethod
     def search(self, queries: Any, top_k: int = 5) -> list[list[Hit]]: ...
+
+    @abstractmethod
+    def labelled_vector_chunks(self) -> Iterator[tuple[list[str], np.ndarray]]:
+        """Every stored (normalised) vector with its label, as ``(labels, vectors)`` chunks."""
+
+    def label_centroids(self) -> LabelCentroids:
+        """Each label's unit mean vector (:mod:`visrec.index.centroids`): one pass over the
+        vectors, cached until this object changes the gallery (add, remove, discard)."""
+        cached = self.__dict__.get("_centroids")
+        if cached is None:
+            cached = LabelCentroids.from_chunks(self.labelled_vector_chunks(), self.dim)
+            self.__dict__["_centroids"] = cached
+        return cached
+
+    def _forget_centroids(self) -> None:
+        self.__dict__.pop("_centroids", None)
 
     def discard_changes(self) -> None:
         """Undo what was changed since the last load or save. Faiss galleries change only in

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from visrec.index.gallery import Hit
+import numpy as np
+
+from visrec.index.centroids import LabelCentroids
+from visrec.index.gallery_api import Hit
 
 
 def label_hits(hits: Sequence[Hit], label_counts: Mapping[str, int], top_m: int) -> list[Hit]:
@@ -56,3 +59,36 @@ def with_context(object_hits: Sequence[Hit], object_floor: float, context_hits: 
         blended.append(Hit(nearest.id, label, score, nearest.metadata))
     blended.sort(key=lambda h: -h.score)
     return blended
+
+
+def with_centroids(rows: Sequence[Sequence[Hit]], floors: Sequence[float], queries: np.ndarray,
+                   centroids: LabelCentroids, weight: float) -> list[list[Hit]]:
+    """Label scores blended with the query's cosine to each label's centroid:
+    ``(1 - weight) * label score + weight * centroid cosine``, best first.
+
+    ``rows`` are the :func:`label_hits` of ``queries`` (the boxes of one photo, searched together).
+    Every row gets every label any row found, so the boxes of a photo are scored on the same
+    labels: a label outside a row's neighbours scores that row's ``floor`` (its lowest retrieved
+    similarity) on the first part. Its ``id`` and metadata are then the nearest entry another row
+    found. A label the centroid table lacks (added elsewhere since) keeps its label score."""
+    nearest: dict[str, Hit] = {}
+    for row in rows:
+        for hit in row:
+            if hit.label not in nearest or hit.score > nearest[hit.label].score:
+                nearest[hit.label] = hit
+    labels = list(nearest)
+    cosines = centroids.similarities(queries, labels)
+    blended_rows = []
+    for row, floor, cosine in zip(rows, floors, cosines, strict=True):
+        own = {hit.label: hit for hit in row}
+        blended = []
+        for label, centroid in zip(labels, cosine.tolist(), strict=True):
+            hit = own.get(label)
+            score = hit.score if hit is not None else float(floor)
+            if centroid == centroid:  # not NaN
+                score = (1.0 - weight) * score + weight * centroid
+            source = hit or nearest[label]
+            blended.append(Hit(source.id, label, score, source.metadata))
+        blended.sort(key=lambda h: -h.score)
+        blended_rows.append(blended)
+    return blended_rows

@@ -121,6 +121,17 @@ class MilvusCollectionGallery(GalleryBase):
         finally:
             iterator.close()
 
+    def labelled_vector_chunks(self) -> Iterator[tuple[list[str], np.ndarray]]:
+        labels, vectors = [], []
+        for _, label, _, vector in self.entries(with_vectors=True):
+            labels.append(label)
+            vectors.append(vector)
+            if len(labels) == _PAGE:
+                yield labels, np.stack(vectors)
+                labels, vectors = [], []
+        if labels:
+            yield labels, np.stack(vectors)
+
     def ids(self) -> list[int]:
         return [i for i, _, _ in self.entries()]
 
@@ -153,6 +164,7 @@ class MilvusCollectionGallery(GalleryBase):
                 "revision": self.revision}
 
     def _counted(self, labels: Sequence[str], sign: int) -> None:
+        self._forget_centroids()
         if self._count is not None:
             self._count += sign * len(labels)
         if self._label_counts is not None:
@@ -221,6 +233,7 @@ class MilvusCollectionGallery(GalleryBase):
                 self._client.upsert(self.collection, [{**row, "vector": list(row["vector"])} for row in
                                                       self._removed[start:start + self.settings.insert_batch]])
         self._added, self._removed, self._count, self._label_counts = [], [], None, None
+        self._forget_centroids()
 
     def tune(self, **params: Any) -> None:
         """Search-time parameters (HNSW ``ef_search``, IVF ``nprobe``), saved with the next save."""

@@ -10,7 +10,8 @@ PP-ShiTu) the whole-image box; every crop goes through the extractor in ONE batc
 first, and the detector runs unless that view is recognised, passing the score threshold with
 its best label ahead of the runner-up by the margin);
 each embedding searches the gallery (``search_k`` neighbours), and each label gets a score
-(the mean of its best ``class_top_m`` similarities, ``visrec.index.label_scores``); with
+(the mean of its best ``class_top_m`` similarities, ``visrec.index.label_scores``, blended with
+the cosine to the label's centroid by ``centroid_weight``); with
 ``whole_context`` > 0 each detected object's label scores are blended with the whole image's
 (which then is no result of its own: the photo is the object's context); the top-k
 labels are the candidates; results under the score threshold are dropped;
@@ -36,7 +37,7 @@ from visrec.inference.export import ONNX_FILE
 from visrec.inference.extractor_runtime import Extractor
 from visrec.index.factory import open_gallery
 from visrec.index.gallery_api import GalleryBase
-from visrec.index.label_scores import label_hits, with_context
+from visrec.index.label_scores import label_hits, with_centroids, with_context
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,17 @@ class RecognitionSystem:
         self.settings = settings or RecognitionConfig()
         self.timings = Timings()
         self.set_gallery(gallery)
+
+    @property
+    def settings(self) -> RecognitionConfig:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: RecognitionConfig) -> None:
+        for knob in ("whole_context", "centroid_weight"):
+            if not 0.0 <= float(getattr(settings, knob)) <= 1.0:
+                raise ValueError(f"recognition.{knob} is a weight in [0, 1], got {getattr(settings, knob)}")
+        self._settings = settings
 
     # ------------------------------------------------------------------ construction
 
@@ -177,11 +189,16 @@ class RecognitionSystem:
         return hits[0].score - runner_up >= float(self.settings.detect_unless_whole_margin)
 
     def _label_scores(self, features: np.ndarray, gallery: GalleryBase, neighbours_k: int):
-        """Each row's ``neighbours_k`` nearest gallery entries and its label scores (``label_hits``)."""
+        """Each row's ``neighbours_k`` nearest gallery entries and its label scores (``label_hits``,
+        blended with the centroids' cosines when ``centroid_weight`` > 0: ``with_centroids``)."""
         start = time.perf_counter()
         neighbours = gallery.search(features, neighbours_k)
         counts = gallery.label_counts()
         hits = [label_hits(row, counts, self.settings.class_top_m) for row in neighbours]
+        weight = float(self.settings.centroid_weight)
+        if weight > 0 and any(hits):
+            floors = [row[-1].score if row else -1.0 for row in neighbours]
+            hits = with_centroids(hits, floors, features, gallery.label_centroids(), weight)
         self.timings.search += time.perf_counter() - start
         return neighbours, hits
 
@@ -201,8 +218,6 @@ class RecognitionSystem:
         k = int(top_k or self.settings.top_k)
         neighbours, hits = self._label_scores(features, gallery, max(k, int(self.settings.search_k)))
         weight = float(self.settings.whole_context)
-        if not 0.0 <= weight <= 1.0:
-            raise ValueError(f"recognition.whole_context is a weight in [0, 1], got {weight}")
         if weight > 0 and len(boxes) > 1 and is_whole_box(boxes[-1], boxes[:-1]) and all(len(r) for r in neighbours):
             # Each detected object is scored with its photo as context; the whole photo is then
             # no result of its own (describe puts it last).
