@@ -159,13 +159,13 @@ def test_a_gallery_switched_ahead_of_its_models_keeps_the_old_pair_served(pipeli
     live = LiveRecognition(cfg, base=repo)
     system, served = live.refresh()
     query = live.describe(load_image(images[1][0]))
-    expected = system.recognize(*query, gallery=served)
+    expected = system.recognize(query, gallery=served)
     ahead = load_gallery(repo / "data" / "champion" / "current" / "gallery").working_copy()
     ahead.fingerprint = "the next champion's extractor"
     ahead.save(repo / "data" / "champion" / "current" / "gallery")  # the gallery moved, the link not yet
 
     system, gallery = live.refresh()
-    assert gallery is served and system.recognize(*query, gallery=gallery) == expected
+    assert gallery is served and system.recognize(query, gallery=gallery) == expected
     publish(repo, recall_at_1=0.7)  # the link moves: models and gallery reload together
     assert live.refresh()[1].fingerprint == system.extractor.fingerprint != "the next champion's extractor"
 

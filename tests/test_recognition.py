@@ -398,7 +398,8 @@ def test_cascade_detects_only_when_the_whole_image_is_not_recognised_confidently
         system.detector, system.extractor, system.timings = CountingDetector(), BoxExtractor(), Timings()
         system.settings, system.gallery = RecognitionConfig(**settings), gallery
         CountingDetector.calls, BoxExtractor.calls = 0, []
-        boxes, features = system.describe(np.zeros((40, 60, 3), np.uint8), served)
+        boxes, features, whole_last = system.describe(np.zeros((40, 60, 3), np.uint8), served)
+        assert whole_last == (len(boxes) > 1 and system.settings.whole_image_box)  # the whole image comes last
         return boxes.tolist(), features, CountingDetector.calls, BoxExtractor.calls
 
     whole = [0.0, 0.0, 60.0, 40.0]
@@ -438,7 +439,7 @@ def test_whole_context_blends_each_object_with_its_photo():
     whole image's (a label missing from one side's neighbours counts as that side's lowest
     retrieved score); the whole image is then no result of its own. 0 keeps PP-ShiTu's results."""
     from visrec.index.label_scores import label_hits, with_context
-    from visrec.inference.pipeline import RecognitionSystem, Timings
+    from visrec.inference.pipeline import Described, RecognitionSystem, Timings
 
     gallery, _, _, queries = four_label_gallery(seed=0, queries=3)
     rows = gallery.search(queries, 5)  # 5 of 12 neighbours: some labels are missing from a row
@@ -460,7 +461,7 @@ def test_whole_context_blends_each_object_with_its_photo():
     def results(weight):
         system.settings = RecognitionConfig(whole_context=weight, class_top_m=2, search_k=5, nms_iou=1.0,
                                             centroid_weight=0.0)
-        return system.recognize(boxes, queries, top_k=3, threshold=-2.0, return_topk=True)
+        return system.recognize(Described(boxes, queries, True), top_k=3, threshold=-2.0, return_topk=True)
 
     separate = results(0.0)
     assert sorted(r["bbox"] for r in separate) == sorted(boxes.astype(int).tolist())
@@ -471,7 +472,12 @@ def test_whole_context_blends_each_object_with_its_photo():
         best = with_context(own_row, floor, per_row[2], rows[2][-1].score, 0.3)[0]
         assert result["rec_docs"] == best.label and result["rec_scores"] == pytest.approx(best.score, abs=1e-5)
     system.settings = RecognitionConfig(whole_context=0.3, centroid_weight=0.0)
-    assert len(system.recognize(np.array([[0, 0, 64, 48]], np.float32), queries[2:], threshold=-2.0)) == 1
+    assert len(system.recognize(Described(boxes[2:], queries[2:], False), threshold=-2.0)) == 1
+    # a last box that is not the whole image (whole_image_box: false) is a result of its own, however
+    # large: describe says which box is the photo, the geometry does not
+    system.settings = RecognitionConfig(whole_context=0.3, centroid_weight=0.0, nms_iou=1.0)
+    unmarked = system.recognize(Described(boxes, queries, False), top_k=3, threshold=-2.0)
+    assert sorted(r["bbox"] for r in unmarked) == sorted(boxes.astype(int).tolist())
     with pytest.raises(ValueError, match="whole_context"):
         system.settings = RecognitionConfig(whole_context=1.5)
     with pytest.raises(ValueError, match="centroid_weight"):

@@ -141,8 +141,8 @@ def describe_queries(system, queries: Sequence[Query], gallery: GalleryBase,
 
 def top1_predictions(system, described, gallery: GalleryBase) -> tuple[list[str | None], np.ndarray]:
     labels, scores = [], []
-    for boxes, features in described:
-        label, score = system.top1(boxes, features, gallery)
+    for image in described:
+        label, score = system.top1(image, gallery)
         labels.append(label)
         scores.append(score)
     return labels, np.asarray(scores, dtype=np.float64)

@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -80,10 +80,14 @@ def whole_box(width: int, height: int) -> np.ndarray:
     return np.array([[0, 0, width, height]], dtype=np.float32)
 
 
-def is_whole_box(box: np.ndarray, others: np.ndarray) -> bool:
-    """Whether ``box`` is the whole image the ``others`` (clipped detections) lie in."""
-    return bool(box[0] == 0 and box[1] == 0 and (len(others) == 0 or (
-        box[2] >= others[:, 2].max() and box[3] >= others[:, 3].max())))
+class Described(NamedTuple):
+    """An image's candidate boxes ``[K, 4]``, their embeddings ``[K, D]``, and whether the last
+    box is the whole image added beside the detections (``whole_image_box``), which
+    ``whole_context`` then uses as every detection's context."""
+
+    boxes: np.ndarray
+    features: np.ndarray
+    whole_last: bool
 
 
 class RecognitionSystem:
@@ -151,7 +155,7 @@ class RecognitionSystem:
             boxes = np.concatenate([boxes, whole_box(width, height)])
         return boxes
 
-    def describe(self, image: np.ndarray, gallery: GalleryBase | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def describe(self, image: np.ndarray, gallery: GalleryBase | None = None) -> Described:
         """The candidate boxes ``[K, 4]`` of an image and their embeddings ``[K, D]``.
 
         Without the cascade, one batched extractor call for all boxes. With
@@ -163,16 +167,17 @@ class RecognitionSystem:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an HWC uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
         if self.settings.detect_unless_whole_margin is None or self.detector is None or not self.settings.whole_image_box:
-            boxes = self.boxes_for(image)
-            return boxes, self._embed(image, boxes)
+            boxes = self.boxes_for(image)  # the whole image is last when whole_image_box adds it
+            return Described(boxes, self._embed(image, boxes), bool(self.settings.whole_image_box and len(boxes) > 1))
         whole = whole_box(image.shape[1], image.shape[0])
         whole_features = self._embed(image, whole)
         if self.whole_is_recognised(whole_features, gallery):
-            return whole, whole_features
+            return Described(whole, whole_features, False)
         boxes = self.detections(image)
         if len(boxes) == 0:
-            return whole, whole_features
-        return np.concatenate([boxes, whole]), np.concatenate([self._embed(image, boxes), whole_features])
+            return Described(whole, whole_features, False)
+        return Described(np.concatenate([boxes, whole]), np.concatenate([self._embed(image, boxes), whole_features]),
+                         True)
 
     def whole_is_recognised(self, whole_features: np.ndarray, gallery: GalleryBase | None = None) -> bool:
         """The cascade's test: the whole image's best label passes the score threshold and leads
@@ -208,19 +213,20 @@ class RecognitionSystem:
         self.timings.extract += time.perf_counter() - start
         return features
 
-    def recognize(self, boxes: np.ndarray, features: np.ndarray, gallery: GalleryBase | None = None,
+    def recognize(self, described: Described, gallery: GalleryBase | None = None,
                   top_k: int | None = None, threshold: float | None = None,
                   return_topk: bool = False) -> list[dict[str, Any]]:
-        """Search ``features`` in the gallery, threshold, NMS: the recognition results."""
+        """Search a described image's embeddings in the gallery, threshold, NMS: the recognition results."""
+        boxes, features, whole_last = described
         gallery = self.gallery if gallery is None else gallery
         if len(gallery) == 0:
             raise ValueError("the gallery is empty: add images first (`visrec gallery add LIST`)")
         k = int(top_k or self.settings.top_k)
         neighbours, hits = self._label_scores(features, gallery, max(k, int(self.settings.search_k)))
         weight = float(self.settings.whole_context)
-        if weight > 0 and len(boxes) > 1 and is_whole_box(boxes[-1], boxes[:-1]) and all(len(r) for r in neighbours):
+        if weight > 0 and whole_last and all(len(r) for r in neighbours):
             # Each detected object is scored with its photo as context; the whole photo is then
-            # no result of its own (describe puts it last).
+            # no result of its own.
             floors = [row[-1].score for row in neighbours]
             hits = [with_context(own, floor, hits[-1], floors[-1], weight)
                     for own, floor in zip(hits[:-1], floors[:-1], strict=True)]
@@ -234,11 +240,11 @@ class RecognitionSystem:
         start = time.perf_counter()
         if len(self.gallery) == 0:
             raise ValueError("the gallery is empty: add images first (`visrec gallery add LIST`)")
-        boxes, features = self.describe(image)
-        results = self.recognize(boxes, features, top_k=top_k, threshold=threshold, return_topk=return_topk)
+        described = self.describe(image)
+        results = self.recognize(described, top_k=top_k, threshold=threshold, return_topk=return_topk)
         self.timings.total += time.perf_counter() - start
         self.timings.images += 1
-        self.timings.boxes += len(boxes)
+        self.timings.boxes += len(described.boxes)
         return results
 
     def _select(self, boxes: np.ndarray, hits: Sequence[Sequence[Any]], threshold: float,
@@ -265,10 +271,9 @@ class RecognitionSystem:
             results.append(result)
         return results
 
-    def top1(self, boxes: np.ndarray, features: np.ndarray, gallery: GalleryBase | None = None
-             ) -> tuple[str | None, float]:
+    def top1(self, described: Described, gallery: GalleryBase | None = None) -> tuple[str | None, float]:
         """The system's best (label, score) for a described image, before any threshold."""
-        results = self.recognize(boxes, features, gallery=gallery, top_k=1, threshold=-2.0)
+        results = self.recognize(described, gallery=gallery, top_k=1, threshold=-2.0)
         if not results:
             return None, -2.0
         return results[0]["rec_docs"], float(results[0]["rec_scores"])

@@ -256,8 +256,8 @@ class RecognitionAPI:
 
             raise Conflict("the gallery is empty: add images first (POST /gallery/add)")
         start = time.perf_counter()
-        boxes, features = self.live.describe(array, system, gallery)
-        results = system.recognize(boxes, features, gallery=gallery, top_k=top_k, threshold=threshold,
+        described = self.live.describe(array, system, gallery)
+        results = system.recognize(described, gallery=gallery, top_k=top_k, threshold=threshold,
                                    return_topk=return_topk)
         return {"results": results, "gallery_version": gallery.version, "champion": self.live.champion,
                 "elapsed_ms": round((time.perf_counter() - start) * 1000, 2)}
