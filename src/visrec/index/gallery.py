@@ -108,7 +108,8 @@ class Gallery(GalleryBase):
         """Every stored (normalised) vector as ``(ids, vectors)`` chunks, in no particular order."""
         yield from self._backend.vector_chunks(chunk)
 
-    def labelled_vector_chunks(self) -> Iterator[tuple[list[str], np.ndarray]]:
+    def label_vectors(self, labels: Sequence[str]) -> Iterator[tuple[list[str], np.ndarray]]:
+        # All labels in one pass: the index is in memory, and IVF cannot fetch vectors by id.
         for ids, vectors in self._backend.vector_chunks():
             yield [self._entries[int(i)][0] for i in ids], vectors
 

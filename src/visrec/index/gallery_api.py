@@ -119,20 +119,22 @@ class GalleryBase(ABC):
     def search(self, queries: Any, top_k: int = 5) -> list[list[Hit]]: ...
 
     @abstractmethod
-    def labelled_vector_chunks(self) -> Iterator[tuple[list[str], np.ndarray]]:
-        """Every stored (normalised) vector with its label, as ``(labels, vectors)`` chunks."""
+    def label_vectors(self, labels: Sequence[str]) -> Iterator[tuple[list[str], np.ndarray]]:
+        """Every stored (normalised) vector of ``labels`` (or of more labels, when that is cheaper
+        for the backend), as ``(labels, vectors)`` chunks."""
 
     def label_centroids(self) -> LabelCentroids:
-        """Each label's unit mean vector (:mod:`visrec.index.centroids`): one pass over the
-        vectors, cached until this object changes the gallery (add, remove, discard)."""
-        cached = self.__dict__.get("_centroids")
-        if cached is None:
-            cached = LabelCentroids.from_chunks(self.labelled_vector_chunks(), self.dim)
-            self.__dict__["_centroids"] = cached
-        return cached
+        """Each label's unit mean vector (:mod:`visrec.index.centroids`), computed when first
+        needed and kept until this object changes the label (add, remove, discard)."""
+        table = self.__dict__.get("_centroids")
+        if table is None:
+            table = self.__dict__["_centroids"] = LabelCentroids(self.label_vectors)
+        return table
 
-    def _forget_centroids(self) -> None:
-        self.__dict__.pop("_centroids", None)
+    def _forget_centroids(self, labels: Sequence[str] | None = None) -> None:
+        table = self.__dict__.get("_centroids")
+        if table is not None:
+            table.forget(labels)
 
     def discard_changes(self) -> None:
         """Undo what was changed since the last load or save. Faiss galleries change only in

@@ -25,6 +25,8 @@ from visrec.index.gallery_store import now
 FORMAT_VERSION = 1
 MAX_LABEL_BYTES = 4096
 _PAGE = 1000  # rows per query page / ids per filter
+_LABELS_PER_QUERY = 64  # labels per centroid query's filter
+_QUERY_LIMIT = 16_384  # Milvus's largest query result (offset + limit)
 
 
 def _id_filter(ids: Sequence[int]) -> str:
@@ -35,6 +37,10 @@ def _label_filter(label: str) -> str:
     # A JSON string literal is a valid Milvus string literal (quotes, backslashes, any Unicode);
     # Milvus Lite 3.2 has no filter templates (``filter_params``) to bind it instead.
     return f"label == {json.dumps(label, ensure_ascii=False)}"
+
+
+def _labels_filter(labels: Sequence[str]) -> str:
+    return f"label in [{', '.join(json.dumps(label, ensure_ascii=False) for label in labels)}]"
 
 
 class MilvusCollectionGallery(GalleryBase):
@@ -121,16 +127,25 @@ class MilvusCollectionGallery(GalleryBase):
         finally:
             iterator.close()
 
-    def labelled_vector_chunks(self) -> Iterator[tuple[list[str], np.ndarray]]:
-        labels, vectors = [], []
-        for _, label, _, vector in self.entries(with_vectors=True):
-            labels.append(label)
-            vectors.append(vector)
-            if len(labels) == _PAGE:
-                yield labels, np.stack(vectors)
-                labels, vectors = [], []
-        if labels:
-            yield labels, np.stack(vectors)
+    def label_vectors(self, labels: Sequence[str]) -> Iterator[tuple[list[str], np.ndarray]]:
+        # Only the labels asked: a big collection is never read whole for its centroids.
+        for start in range(0, len(labels), _LABELS_PER_QUERY):
+            wanted = _labels_filter(labels[start:start + _LABELS_PER_QUERY])
+            # One query (Milvus caps its result at _QUERY_LIMIT rows); an iterator past that.
+            rows = self._client.query(self.collection, filter=wanted, output_fields=["label", "vector"],
+                                      limit=_QUERY_LIMIT, consistency_level=self.settings.consistency_level)
+            if len(rows) < _QUERY_LIMIT:
+                if rows:
+                    yield [row["label"] for row in rows], np.asarray([row["vector"] for row in rows], np.float32)
+                continue
+            iterator = self._client.query_iterator(self.collection, batch_size=_PAGE, filter=wanted,
+                                                   output_fields=["label", "vector"],
+                                                   consistency_level=self.settings.consistency_level)
+            try:
+                while page := iterator.next():
+                    yield [row["label"] for row in page], np.asarray([row["vector"] for row in page], np.float32)
+            finally:
+                iterator.close()
 
     def ids(self) -> list[int]:
         return [i for i, _, _ in self.entries()]
@@ -164,7 +179,7 @@ class MilvusCollectionGallery(GalleryBase):
                 "revision": self.revision}
 
     def _counted(self, labels: Sequence[str], sign: int) -> None:
-        self._forget_centroids()
+        self._forget_centroids(set(labels))
         if self._count is not None:
             self._count += sign * len(labels)
         if self._label_counts is not None:

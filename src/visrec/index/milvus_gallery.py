@@ -100,6 +100,8 @@ class MilvusGallery(MilvusCollectionGallery):
                             "efConstruction": int(params.get("ef_construction", 64))},
                  "IVF": {"nlist": int(params.get("nlist") or DEFAULT_NLIST)}, "FLAT": {}}[kind]
         index.add_index(field_name="vector", index_type=MILVUS_INDEX[kind], metric_type="IP", params=build)
+        # Label filters (remove_label, the label centroids' fetch) look labels up instead of scanning.
+        index.add_index(field_name="label", index_type="INVERTED")
         return index
 
     @classmethod
