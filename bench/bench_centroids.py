@@ -18,22 +18,8 @@ from contextlib import nullcontext
 
 import numpy as np
 
-from bench_index import make_data, milvus_server
-from visrec.index import Gallery
-
-
-def build(backend: str, x: np.ndarray, labels: list[str], settings):
-    if backend == "faiss":
-        gallery = Gallery.create(x.shape[1], "HNSW32", num_threads=2)
-    else:
-        from visrec.index.milvus_gallery import MilvusGallery
-
-        gallery = MilvusGallery.create(x.shape[1], "HNSW32", settings=settings)
-    for start in range(0, len(x), 10_000):
-        gallery.add(x[start:start + 10_000], labels[start:start + 10_000])
-    if backend == "milvus":
-        gallery.flush()
-    return gallery
+from bench_index import build, make_data, milvus_server
+from visrec.index.faiss_index import EXACT_BELOW
 
 
 def main() -> None:
@@ -45,6 +31,9 @@ def main() -> None:
     parser.add_argument("--searches", type=int, default=50)
     parser.add_argument("--milvus-uri", default=None)
     args = parser.parse_args()
+    # what bench_index.build reads: the pipeline's HNSW defaults, adds of 10,000
+    build_args = argparse.Namespace(threads=2, add_chunk=10_000, ef_construction=None, hnsw_m=None,
+                                    exact_below=EXACT_BELOW)
     rng = np.random.default_rng(0)
     print("| n | labels | backend | search ms / photo | centroids, first photo ms | centroids, next photos ms |")
     print("|---:|---:|---|---:|---:|---:|")
@@ -58,7 +47,7 @@ def main() -> None:
             x, queries = make_data("clustered", n, 3 * (args.searches + 1), args.dim, n // args.per_label, 1.0, rng)
             labels = [f"label {i // args.per_label}" for i in range(n)]
             for backend in args.backend:
-                gallery = build(backend, x, labels, settings)
+                gallery = build(backend, "HNSW32", x, build_args, settings, labels)[0]
                 table = gallery.label_centroids()
                 search_s, centroid_s = [], []
                 for batch in queries.reshape(-1, 3, args.dim):

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -123,9 +123,10 @@ def milvus_server(uri: str | None, threads: int) -> Iterator[str]:
                 server.kill()
 
 
-def build(backend: str, index_type: str, x: np.ndarray, args, settings) -> tuple[object, float, float]:
-    """The gallery, its build seconds (until searchable with its index) and its adds' vectors/s."""
-    labels = "item"  # one label for all: the benchmark is about vectors
+def build(backend: str, index_type: str, x: np.ndarray, args, settings,
+          labels: Sequence[str] | str = "item") -> tuple[object, float, float]:
+    """The gallery, its build seconds (until searchable with its index) and its adds' vectors/s.
+    ``labels``: one per vector, or one for all (this benchmark is about vectors)."""
     start = time.perf_counter()
     if backend == "faiss":
         gallery = Gallery.create(x.shape[1], index_type, num_threads=args.threads, **hnsw_params(index_type, args))
@@ -135,7 +136,8 @@ def build(backend: str, index_type: str, x: np.ndarray, args, settings) -> tuple
         gallery = MilvusGallery.create(x.shape[1], index_type, settings=settings, **hnsw_params(index_type, args))
     add_start = time.perf_counter()
     for chunk in range(0, len(x), args.add_chunk):  # streamed, as a big catalogue is built
-        gallery.add(x[chunk:chunk + args.add_chunk], labels)
+        gallery.add(x[chunk:chunk + args.add_chunk],
+                    labels if isinstance(labels, str) else labels[chunk:chunk + args.add_chunk])
     added = time.perf_counter() - add_start
     if backend == "milvus":
         gallery.flush()

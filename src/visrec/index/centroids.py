@@ -52,25 +52,19 @@ class LabelCentroids:
                 self._unit.pop(label, None)
 
     def _compute(self, labels: Sequence[str]) -> None:
-        names: list[str] = []
-        sums: list[np.ndarray] = []  # per chunk: the sums of its labels, in ``names`` order
+        sums: dict[str, np.ndarray | None] = {}
         for chunk_labels, vectors in self._fetch(labels):
-            chunk_names, inverse = np.unique(np.asarray(chunk_labels, dtype=str), return_inverse=True)
+            names, inverse = np.unique(np.asarray(chunk_labels, dtype=str), return_inverse=True)
             order = np.argsort(inverse, kind="stable")
             grouped = np.asarray(vectors, dtype=np.float32)[order]  # each label's rows together
-            bounds = np.searchsorted(inverse[order], np.arange(len(chunk_names) + 1))
-            names.extend(chunk_names.tolist())
+            bounds = np.searchsorted(inverse[order], np.arange(len(names) + 1)).tolist()
             # A slice sum per label (np.add.reduceat over rows measured 6x slower).
-            sums.append(np.stack([grouped[a:b].sum(axis=0, dtype=np.float64)
-                                  for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)]))
-        if names:
-            # The same label may come in several chunks: add its rows up.
-            unique, inverse = np.unique(np.asarray(names, dtype=str), return_inverse=True)
-            totals = np.zeros((len(unique), sums[0].shape[1]))
-            np.add.at(totals, inverse, np.concatenate(sums))
-            norms = np.linalg.norm(totals, axis=1)
-            # Vectors that cancel out have no direction: no centroid (the label score alone).
-            for label, total, norm in zip(unique.tolist(), totals, norms.tolist(), strict=True):
-                self._unit[label] = (total / norm).astype(np.float32) if norm > 1e-12 else None
+            for label, a, b in zip(names.tolist(), bounds[:-1], bounds[1:], strict=True):
+                total = grouped[a:b].sum(axis=0, dtype=np.float64)
+                sums[label] = sums[label] + total if label in sums else total  # a label may span chunks
         for label in labels:
-            self._unit.setdefault(label, None)
+            sums.setdefault(label, None)  # asked but without a vector
+        for label, total in sums.items():
+            norm = 0.0 if total is None else float(np.linalg.norm(total))
+            # No vector, or vectors that cancel out: no centroid (the label score alone).
+            self._unit[label] = (total / norm).astype(np.float32) if norm > 1e-12 else None

@@ -338,10 +338,9 @@ class HNSWBackend(IndexBackend):
         if self.count < int(self.params["exact_below"]):
             # Brute force over the graph's own vector store (see EXACT_BELOW).
             flat = faiss.downcast_index(self.index.storage)
-            scores, pos = flat.search(queries, k, params=faiss.SearchParameters(sel=sel) if sel else None)
+            scores, pos = flat.search(queries, k, params=faiss.SearchParameters(sel=sel))
         else:
-            ef = max(int(self.params["ef_search"]), k)
-            params = faiss.SearchParametersHNSW(sel=sel, efSearch=ef) if sel else faiss.SearchParametersHNSW(efSearch=ef)
+            params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(int(self.params["ef_search"]), k))
             scores, pos = self.index.search(queries, k, params=params)
         ids = np.where(pos >= 0, self.pos2id[np.clip(pos, 0, None)] if len(self.pos2id) else -1, -1)
         return scores, ids.astype(np.int64)

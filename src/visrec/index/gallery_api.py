@@ -82,6 +82,7 @@ class GalleryBase(ABC):
     next_id: int
     version: str | None
     path: Path | None  # the gallery root it was loaded from or last saved to; None for one never saved
+    _centroids: LabelCentroids | None = None  # label_centroids(), made on first use
 
     @classmethod
     def build(cls, vectors: Any, labels: Sequence[str] | str,
@@ -126,15 +127,13 @@ class GalleryBase(ABC):
     def label_centroids(self) -> LabelCentroids:
         """Each label's unit mean vector (:mod:`visrec.index.centroids`), computed when first
         needed and kept until this object changes the label (add, remove, discard)."""
-        table = self.__dict__.get("_centroids")
-        if table is None:
-            table = self.__dict__["_centroids"] = LabelCentroids(self.label_vectors)
-        return table
+        if self._centroids is None:
+            self._centroids = LabelCentroids(self.label_vectors)
+        return self._centroids
 
     def _forget_centroids(self, labels: Sequence[str] | None = None) -> None:
-        table = self.__dict__.get("_centroids")
-        if table is not None:
-            table.forget(labels)
+        if self._centroids is not None:
+            self._centroids.forget(labels)
 
     def discard_changes(self) -> None:
         """Undo what was changed since the last load or save. Faiss galleries change only in

@@ -117,15 +117,10 @@ class MilvusCollectionGallery(GalleryBase):
         """``(id, label, metadata)`` of every entry in id order, a page at a time; with
         ``with_vectors``, ``(id, label, metadata, vector)``."""
         fields = ["id", "label", "meta", *(["vector"] if with_vectors else [])]
-        iterator = self._client.query_iterator(self.collection, batch_size=_PAGE, filter="id >= 0",
-                                               output_fields=fields, consistency_level="Strong")
-        try:
-            while page := iterator.next():
-                for row in sorted(page, key=lambda r: r["id"]):
-                    entry = (int(row["id"]), row["label"], dict(row["meta"] or {}))
-                    yield (*entry, np.asarray(row["vector"], dtype=np.float32)) if with_vectors else entry
-        finally:
-            iterator.close()
+        for page in self._pages("id >= 0", fields):
+            for row in sorted(page, key=lambda r: r["id"]):
+                entry = (int(row["id"]), row["label"], dict(row["meta"] or {}))
+                yield (*entry, np.asarray(row["vector"], dtype=np.float32)) if with_vectors else entry
 
     def label_vectors(self, labels: Sequence[str]) -> Iterator[tuple[list[str], np.ndarray]]:
         # Only the labels asked: a big collection is never read whole for its centroids.
@@ -134,18 +129,20 @@ class MilvusCollectionGallery(GalleryBase):
             # One query (Milvus caps its result at _QUERY_LIMIT rows); an iterator past that.
             rows = self._client.query(self.collection, filter=wanted, output_fields=["label", "vector"],
                                       limit=_QUERY_LIMIT, consistency_level=self.settings.consistency_level)
-            if len(rows) < _QUERY_LIMIT:
-                if rows:
-                    yield [row["label"] for row in rows], np.asarray([row["vector"] for row in rows], np.float32)
-                continue
-            iterator = self._client.query_iterator(self.collection, batch_size=_PAGE, filter=wanted,
-                                                   output_fields=["label", "vector"],
-                                                   consistency_level=self.settings.consistency_level)
-            try:
-                while page := iterator.next():
+            pages = [rows] if len(rows) < _QUERY_LIMIT else self._pages(wanted, ["label", "vector"])
+            for page in pages:
+                if page:
                     yield [row["label"] for row in page], np.asarray([row["vector"] for row in page], np.float32)
-            finally:
-                iterator.close()
+
+    def _pages(self, filter_expr: str, fields: list[str]) -> Iterator[list[dict[str, Any]]]:
+        """The rows ``filter_expr`` selects, a page at a time (a query iterator, closed at the end)."""
+        iterator = self._client.query_iterator(self.collection, batch_size=_PAGE, filter=filter_expr,
+                                               output_fields=fields, consistency_level="Strong")
+        try:
+            while page := iterator.next():
+                yield page
+        finally:
+            iterator.close()
 
     def ids(self) -> list[int]:
         return [i for i, _, _ in self.entries()]
