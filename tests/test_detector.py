@@ -40,7 +40,7 @@ from visrec.models.detector import (
 )
 from visrec.training.detector import (
     PREDICTIONS_PNG,
-    export_box_scale,
+    export_calibration,
     load_trained,
     make_dataset,
     postprocess_params,
@@ -268,11 +268,33 @@ def test_postprocess_maps_boxes_back_to_original_coordinates(policy):
     np.testing.assert_allclose(far, [0, 0, 200, 100])
 
 
-def test_only_a_detector_trained_on_generated_data_exports_grown_boxes():
+def test_only_a_detector_trained_on_generated_data_exports_a_calibration():
     cfg = Config()
-    assert cfg.data.source == "synthetic" and export_box_scale(cfg) == cfg.detector.synthetic_box_scale > 1
-    cfg.data.source = "/data/CUB_200_2011"  # real boxes: the detector's own extent is right
-    assert export_box_scale(cfg) == 1.0
+    assert cfg.data.source == "synthetic"
+    assert export_calibration(cfg) == {"box_scale": cfg.detector.synthetic_box_scale,
+                                       "center_prior": cfg.detector.synthetic_center_prior}
+    assert cfg.detector.synthetic_box_scale > 1 and cfg.detector.synthetic_center_prior > 0
+    cfg.data.source = "/data/CUB_200_2011"  # real boxes: the detector's own extent and framing are right
+    assert export_calibration(cfg) == {"box_scale": 1.0, "center_prior": 0.0}
+
+
+def test_center_prior_ranks_a_central_box_above_a_slightly_better_scored_corner_box():
+    info = ResizeInfo(1.0, 1.0, 0.0, 0.0, 200, 100)
+    # a corner box scored 0.9, a centred one 0.8, and a centred one below the threshold
+    boxes = np.array([[[0.0, 0.0, 40.0, 20.0], [80.0, 40.0, 120.0, 60.0], [70.0, 30.0, 130.0, 70.0]]], np.float32)
+    scores = np.array([[0.9, 0.8, 0.3]], np.float32)
+    (plain,) = postprocess(boxes, scores, [info], score_threshold=0.5, nms_iou=0.5, max_det=5)
+    (prior,) = postprocess(boxes, scores, [info], score_threshold=0.1, nms_iou=0.5, max_det=5, center_prior=0.3)
+    np.testing.assert_allclose(plain[:, 4], [0.9, 0.8])
+    np.testing.assert_allclose(prior[0], [80, 40, 120, 60, 0.8])  # at the centre: weight 1
+    np.testing.assert_allclose(prior[1], [70, 30, 130, 70, 0.3])
+    # the corner box's centre is 0.4 widths and 0.4 heights off: weight exp(-0.32 / 0.18), last now
+    np.testing.assert_allclose(prior[2], [0, 0, 40, 20, 0.9 * np.exp(-0.32 / 0.18)], rtol=1e-5)
+    # the weighting comes before the score threshold: a corner box can fall below it
+    (strict,) = postprocess(boxes, scores, [info], score_threshold=0.5, nms_iou=0.5, max_det=5, center_prior=0.1)
+    np.testing.assert_allclose(strict[:, :4], boxes[0, 1:2])
+    with pytest.raises(ValueError, match="center_prior"):
+        postprocess(boxes, scores, [info], score_threshold=0.5, nms_iou=0.5, max_det=5, center_prior=-0.1)
 
 
 def test_postprocess_box_scale_grows_boxes_about_their_centres_within_the_image():
@@ -508,17 +530,17 @@ def test_export_parity_dygraph_paddle_inference_onnx(trained_run, tiny_det, tmp_
             assert_same_clear_detections(np.asarray(det), ref, f"{backend} from images")
         assert detector(images[0]) == from_images[0]
 
-    # the export's box_scale (model.json) is applied unless the caller overrides it
-    assert meta["box_scale"] == 1.0
-    grown_meta = export_detector(model, model_cfg, tmp_path / "grown", onnx=False, box_scale=1.2)
-    assert grown_meta["box_scale"] == 1.2
-    grown = Detector(tmp_path / "grown", num_threads=1, score_threshold=0.0)
-    expected = postprocess(boxes, scores, infos, **post, box_scale=1.2)
-    for ref, det in zip(expected, grown.postprocess(boxes, scores, infos), strict=True):
-        assert_same_clear_detections(det, ref, "box_scale from model.json")
-    assert Detector(tmp_path / "grown", num_threads=1, box_scale=1.0).box_scale == 1.0
-    with pytest.raises(ValueError, match="det_box_scale"):
-        Detector(tmp_path / "grown", num_threads=1, box_scale=0.0)
+    # the export's calibrations (model.json) apply unless the caller overrides them
+    assert meta["box_scale"] == 1.0 and meta["center_prior"] == 0.0
+    for key, value, neutral in (("box_scale", 1.2, 1.0), ("center_prior", 0.3, 0.0)):
+        assert export_detector(model, model_cfg, tmp_path / key, onnx=False, **{key: value})[key] == value
+        calibrated = Detector(tmp_path / key, num_threads=1, score_threshold=0.0)
+        expected = postprocess(boxes, scores, infos, **post, **{key: value})
+        for ref, det in zip(expected, calibrated.postprocess(boxes, scores, infos), strict=True):
+            assert_same_clear_detections(det, ref, f"{key} from model.json")
+        assert getattr(Detector(tmp_path / key, num_threads=1, **{key: neutral}), key) == neutral
+        with pytest.raises(ValueError, match=f"det_{key}"):
+            Detector(tmp_path / key, num_threads=1, **{key: -1.0})
 
     dygraph = predict_dataset(dygraph_predict_fn(model), dataset, 5, post)
     np.testing.assert_allclose(by_position(dygraph[dataset.image_ids[0]]), by_position(reference[0]), atol=1e-5)

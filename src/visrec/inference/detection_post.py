@@ -52,17 +52,30 @@ def scale_boxes(boxes: np.ndarray, factor: float) -> np.ndarray:
     return np.concatenate([centre - half, centre + half], axis=1).astype(boxes.dtype)
 
 
+def centre_weights(boxes: np.ndarray, width: float, height: float, sigma: float) -> np.ndarray:
+    """``exp(-r^2 / (2 sigma^2))`` of each box, ``r`` the distance of its centre from the image's,
+    in image widths and heights: 1 at the centre, 0.25 at the middle of an edge for ``sigma`` 0.3."""
+    dx = ((boxes[:, 0] + boxes[:, 2]) / 2 - width / 2) / max(width, 1e-6)
+    dy = ((boxes[:, 1] + boxes[:, 3]) / 2 - height / 2) / max(height, 1e-6)
+    return np.exp(-(dx * dx + dy * dy) / (2 * sigma * sigma)).astype(np.float32)
+
+
 def postprocess(boxes: np.ndarray, scores: np.ndarray, infos: Sequence[ResizeInfo],
                 score_threshold: float, nms_iou: float, max_det: int,
-                pre_nms_top_k: int = 100, box_scale: float = 1.0) -> list[np.ndarray]:
+                pre_nms_top_k: int = 100, box_scale: float = 1.0, center_prior: float = 0.0) -> list[np.ndarray]:
     """Dense outputs of a batch -> per image ``[K, 5]`` arrays ``x1 y1 x2 y2 score``.
 
     ``boxes`` [N, P, 4] in network-input pixels, ``scores`` [N, P]; ``infos`` map each
     image back to its original coordinates. K <= ``max_det``, best score first. Each box is
-    grown by ``box_scale`` about its centre (then clipped to the image).
+    grown by ``box_scale`` about its centre (then clipped to the image). ``center_prior`` > 0
+    weighs each score by :func:`centre_weights` with that sigma before the threshold and NMS:
+    a photo's main object is usually framed near its centre, which a detector trained on
+    generated scenes (objects anywhere) has never seen.
     """
     if not box_scale > 0:
         raise ValueError(f"box_scale must be > 0, got {box_scale}")
+    if not center_prior >= 0:
+        raise ValueError(f"center_prior must be >= 0 (0: off), got {center_prior}")
     boxes = np.asarray(boxes, dtype=np.float32)
     scores = np.asarray(scores, dtype=np.float32)
     if boxes.ndim != 3 or boxes.shape[-1] != 4 or scores.shape != boxes.shape[:2]:
@@ -71,6 +84,9 @@ def postprocess(boxes: np.ndarray, scores: np.ndarray, infos: Sequence[ResizeInf
         raise ValueError(f"{len(infos)} resize infos for a batch of {boxes.shape[0]} images")
     results = []
     for img_boxes, img_scores, info in zip(boxes, scores, infos, strict=True):
+        if center_prior > 0:
+            centres = info.to_original(img_boxes)  # where each box sits in the photo, before growing
+            img_scores = img_scores * centre_weights(centres, info.orig_w, info.orig_h, center_prior)
         idx = np.nonzero(img_scores >= score_threshold)[0]
         if idx.size > pre_nms_top_k:
             idx = idx[np.argsort(-img_scores[idx], kind="stable")[:pre_nms_top_k]]

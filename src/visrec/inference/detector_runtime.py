@@ -65,16 +65,17 @@ def detector_meta(model_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def export_detector(model, model_config: dict[str, Any], out_dir: str | Path, onnx: bool = True,
-                    box_scale: float = 1.0) -> dict[str, Any]:
+                    box_scale: float = 1.0, center_prior: float = 0.0) -> dict[str, Any]:
     """Paddle inference files (+ ONNX) + ``model.json`` for a trained ``MainbodyDetector``.
 
-    ``box_scale`` (in model.json) is how much the runtime grows each box: a calibration that
-    belongs to the model, since it depends on the boxes it was trained on.
+    ``box_scale`` (how much the runtime grows each box) and ``center_prior`` (the sigma of the
+    centre weighting of scores, 0: none; ``detection_post.postprocess``) go in model.json:
+    calibrations that belong to the model, since they depend on what it was trained on.
     """
     model.eval()
     if hasattr(model, "rep"):
         model.rep()
-    meta = {**detector_meta(model_config), "box_scale": float(box_scale)}
+    meta = {**detector_meta(model_config), "box_scale": float(box_scale), "center_prior": float(center_prior)}
     size = meta["input_size"][0]
     return export_layer(DetectorExportNet(model), out_dir, [None, 3, size, size], meta, onnx=onnx)
 
@@ -117,7 +118,7 @@ class Detector:
 
     def __init__(self, model_dir: str | Path, backend: Backend = "paddle", num_threads: int = 2,
                  batch_size: int = 16, score_threshold: float | None = None, max_det: int | None = None,
-                 box_scale: float | None = None):
+                 box_scale: float | None = None, center_prior: float | None = None):
         self.meta = read_model_json(model_dir)
         if self.meta.get("kind") != "detector":
             raise ValueError(f"{model_dir} holds a {self.meta.get('kind')!r} model, not a detector: "
@@ -131,6 +132,11 @@ class Detector:
         if not box_scale > 0:
             raise ValueError(f"box_scale must be > 0 (recognition.det_box_scale), got {box_scale}")
         self.box_scale = box_scale
+        # exports from before the prior have none in model.json: they keep their behaviour
+        center_prior = float(self.meta.get("center_prior", 0.0) if center_prior is None else center_prior)
+        if not center_prior >= 0:
+            raise ValueError(f"center_prior must be >= 0, 0 for none (recognition.det_center_prior), got {center_prior}")
+        self.center_prior = center_prior
 
     @property
     def fingerprint(self) -> str:
@@ -151,7 +157,7 @@ class Detector:
     def postprocess(self, boxes: np.ndarray, scores: np.ndarray, infos: Sequence[ResizeInfo]) -> list[np.ndarray]:
         m = self.meta
         return postprocess(boxes, scores, infos, self.score_threshold, float(m["nms_iou"]), self.max_det,
-                           int(m.get("pre_nms_top_k", 100)), self.box_scale)
+                           int(m.get("pre_nms_top_k", 100)), self.box_scale, self.center_prior)
 
     def detect_arrays(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Per image a ``[K, 5]`` array ``x1 y1 x2 y2 score`` in original pixels."""

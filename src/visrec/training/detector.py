@@ -66,9 +66,14 @@ def make_dataset(cfg: DetectorConfig, raw_root: Path, coco_path: Path, train: bo
         color_jitter=aug.color_jitter, cache_images=img.cache_images, max_images=max_images, seed=cfg.seed)
 
 
-def export_box_scale(cfg: Config) -> float:
-    """How much the export grows boxes: ``synthetic_box_scale`` after training on the generated set, else 1."""
-    return float(cfg.detector.synthetic_box_scale) if cfg.data.source == "synthetic" else 1.0
+def export_calibration(cfg: Config) -> dict[str, float]:
+    """What the export adds to post-processing (``export_detector``'s keywords): after training on
+    the generated set, ``synthetic_box_scale`` and ``synthetic_center_prior``; after real boxes,
+    none (1.0, 0.0): such a detector learned real extents and where photographers put things."""
+    if cfg.data.source != "synthetic":
+        return {"box_scale": 1.0, "center_prior": 0.0}
+    return {"box_scale": float(cfg.detector.synthetic_box_scale),
+            "center_prior": float(cfg.detector.synthetic_center_prior)}
 
 
 def postprocess_params(cfg: DetectorConfig) -> dict[str, Any]:
