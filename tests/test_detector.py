@@ -273,12 +273,12 @@ def test_only_a_detector_trained_on_generated_data_exports_a_calibration():
     assert cfg.data.source == "synthetic"
     assert export_calibration(cfg) == {"box_scale": cfg.detector.synthetic_box_scale,
                                        "center_prior": cfg.detector.synthetic_center_prior}
-    assert cfg.detector.synthetic_box_scale > 1 and cfg.detector.synthetic_center_prior > 0
+    assert cfg.detector.synthetic_center_prior > 0
     cfg.data.source = "/data/CUB_200_2011"  # real boxes: the detector's own extent and framing are right
     assert export_calibration(cfg) == {"box_scale": 1.0, "center_prior": 0.0}
 
 
-def test_center_prior_ranks_a_central_box_above_a_slightly_better_scored_corner_box():
+def test_center_prior_ranks_a_central_box_above_a_better_scored_corner_box():
     info = ResizeInfo(1.0, 1.0, 0.0, 0.0, 200, 100)
     # a corner box scored 0.9, a centred one 0.8, and a centred one below the threshold
     boxes = np.array([[[0.0, 0.0, 40.0, 20.0], [80.0, 40.0, 120.0, 60.0], [70.0, 30.0, 130.0, 70.0]]], np.float32)
@@ -290,9 +290,10 @@ def test_center_prior_ranks_a_central_box_above_a_slightly_better_scored_corner_
     np.testing.assert_allclose(prior[1], [70, 30, 130, 70, 0.3])
     # the corner box's centre is 0.4 widths and 0.4 heights off: weight exp(-0.32 / 0.18), last now
     np.testing.assert_allclose(prior[2], [0, 0, 40, 20, 0.9 * np.exp(-0.32 / 0.18)], rtol=1e-5)
-    # the weighting comes before the score threshold: a corner box can fall below it
+    # the threshold applies to the network's own score: a corner object is still found, ranked last
     (strict,) = postprocess(boxes, scores, [info], score_threshold=0.5, nms_iou=0.5, max_det=5, center_prior=0.1)
-    np.testing.assert_allclose(strict[:, :4], boxes[0, 1:2])
+    np.testing.assert_allclose(strict[:, :4], boxes[0, :2][::-1])
+    np.testing.assert_allclose(strict[:, 4], [0.8, 0.9 * np.exp(-0.32 / 0.02)], rtol=1e-4)
     with pytest.raises(ValueError, match="center_prior"):
         postprocess(boxes, scores, [info], score_threshold=0.5, nms_iou=0.5, max_det=5, center_prior=-0.1)
 

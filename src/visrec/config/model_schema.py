@@ -162,8 +162,8 @@ class DetectorConfig:
     nms_iou: float = 0.5
     max_det: int = 5  # boxes kept per image, as PP-ShiTu
     pre_nms_top_k: int = 100
-    synthetic_box_scale: float = 1.2  # trained on the generated set: its boxes grown this much at inference
-    synthetic_center_prior: float = 0.3  # trained on the generated set: scores weighed by closeness to the photo's centre
+    synthetic_center_prior: float = 0.25  # trained on the generated set: scores weighed by closeness to the photo's centre
+    synthetic_box_scale: float = 1.0  # trained on the generated set: its boxes grown this much at inference
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(
         name="adamw", lr=0.008, weight_decay=0.0001, warmup_epochs=0.5, milestones=[]))
     batch_size: int = 32

@@ -68,9 +68,11 @@ def postprocess(boxes: np.ndarray, scores: np.ndarray, infos: Sequence[ResizeInf
     ``boxes`` [N, P, 4] in network-input pixels, ``scores`` [N, P]; ``infos`` map each
     image back to its original coordinates. K <= ``max_det``, best score first. Each box is
     grown by ``box_scale`` about its centre (then clipped to the image). ``center_prior`` > 0
-    weighs each score by :func:`centre_weights` with that sigma before the threshold and NMS:
-    a photo's main object is usually framed near its centre, which a detector trained on
-    generated scenes (objects anywhere) has never seen.
+    weighs each score by :func:`centre_weights` with that sigma for NMS and the order and scores
+    returned: a photo's main object is usually framed near its centre, which a detector trained
+    on generated scenes (objects anywhere) has never seen. The threshold still applies to the
+    network's own score: the prior decides which object comes first, not whether one is there
+    (an object off the centre is still found, ranked after a central one).
     """
     if not box_scale > 0:
         raise ValueError(f"box_scale must be > 0, got {box_scale}")
@@ -84,16 +86,19 @@ def postprocess(boxes: np.ndarray, scores: np.ndarray, infos: Sequence[ResizeInf
         raise ValueError(f"{len(infos)} resize infos for a batch of {boxes.shape[0]} images")
     results = []
     for img_boxes, img_scores, info in zip(boxes, scores, infos, strict=True):
-        if center_prior > 0:
-            centres = info.to_original(img_boxes)  # where each box sits in the photo, before growing
-            img_scores = img_scores * centre_weights(centres, info.orig_w, info.orig_h, center_prior)
         idx = np.nonzero(img_scores >= score_threshold)[0]
+        if center_prior > 0:
+            centres = info.to_original(img_boxes[idx])  # where each box sits in the photo, before growing
+            ranked = img_scores[idx] * centre_weights(centres, info.orig_w, info.orig_h, center_prior)
+        else:
+            ranked = img_scores[idx]
         if idx.size > pre_nms_top_k:
-            idx = idx[np.argsort(-img_scores[idx], kind="stable")[:pre_nms_top_k]]
+            top = np.argsort(-ranked, kind="stable")[:pre_nms_top_k]
+            idx, ranked = idx[top], ranked[top]
         # NMS in original coordinates: clipping there is what the user sees.
         cand = info.to_original(scale_boxes(img_boxes[idx], box_scale))
         valid = (cand[:, 2] > cand[:, 0]) & (cand[:, 3] > cand[:, 1])
-        cand, cand_scores = cand[valid], img_scores[idx][valid]
+        cand, cand_scores = cand[valid], ranked[valid]
         keep = nms(cand, cand_scores, nms_iou, max_keep=max_det)
         out = np.zeros((keep.size, 5), dtype=np.float32)
         if keep.size:
