@@ -539,6 +539,10 @@ def test_export_parity_dygraph_paddle_inference_onnx(trained_run, tiny_det, tmp_
         expected = postprocess(boxes, scores, infos, **post, **{key: value})
         for ref, det in zip(expected, calibrated.postprocess(boxes, scores, infos), strict=True):
             assert_same_clear_detections(det, ref, f"{key} from model.json")
+        # a caller's threshold (recognition.det_threshold) applies like the detector's own
+        for ref, det in zip(postprocess(boxes, scores, infos, **{**post, "score_threshold": 0.5}, **{key: value}),
+                            calibrated.postprocess(boxes, scores, infos, score_threshold=0.5), strict=True):
+            assert_same_clear_detections(det, ref, f"{key}, threshold 0.5")
         assert getattr(Detector(tmp_path / key, num_threads=1, **{key: neutral}), key) == neutral
         with pytest.raises(ValueError, match=f"det_{key}"):
             Detector(tmp_path / key, num_threads=1, **{key: -1.0})

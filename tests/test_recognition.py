@@ -372,9 +372,10 @@ def test_cascade_detects_only_when_the_whole_image_is_not_recognised_confidently
     class CountingDetector:
         calls = 0
 
-        def detect_arrays(self, images):
+        def detect_arrays(self, images, score_threshold=None):  # as Detector: the threshold on its own score
             CountingDetector.calls += 1
-            return [np.array([[5, 5, 30, 30, 0.9], [10, 10, 20, 20, 0.3]], np.float32) for _ in images]
+            dets = np.array([[5, 5, 30, 30, 0.9], [10, 10, 20, 20, 0.3]], np.float32)
+            return [dets[dets[:, 4] >= (score_threshold or 0.0)] for _ in images]
 
     class BoxExtractor:  # the whole image -> whole_vector, any crop -> axis 2
         calls = []

@@ -166,9 +166,9 @@ class RecognitionConfig:
     whole_image_box: bool = True  # also recognise the whole image, as PP-ShiTu does
     # A cascade (needs whole_image_box): embed and search the whole image first; when its best
     # label passes the score threshold and leads the runner-up by at least this margin, skip the
-    # detector (null: always detect, as PP-ShiTu). Real CUB: the same top-1 at ~1.7-1.9x the cost
+    # detector (null: always detect, as PP-ShiTu). Real CUB: the same top-1 at ~1.6-1.9x the cost
     # of the whole image only instead of 2.5x, zero-shot and fine-tuned extractor (results.md).
-    detect_unless_whole_margin: float | None = 0.03
+    detect_unless_whole_margin: float | None = 0.02
     # Each detected object's label scores: (1 - w) x its own + w x the whole image's; the whole
     # image is then no result of its own when something is detected (0: PP-ShiTu's separate
     # results). 0.5: +0.7-0.8 points of top-1 on three real CUB sets, no cost (results.md).

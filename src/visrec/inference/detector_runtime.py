@@ -154,19 +154,24 @@ class Detector:
     def predict_dense(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return split_outputs(self.predictor(batch))
 
-    def postprocess(self, boxes: np.ndarray, scores: np.ndarray, infos: Sequence[ResizeInfo]) -> list[np.ndarray]:
+    def postprocess(self, boxes: np.ndarray, scores: np.ndarray, infos: Sequence[ResizeInfo],
+                    score_threshold: float | None = None) -> list[np.ndarray]:
         m = self.meta
-        return postprocess(boxes, scores, infos, self.score_threshold, float(m["nms_iou"]), self.max_det,
+        threshold = self.score_threshold if score_threshold is None else float(score_threshold)
+        return postprocess(boxes, scores, infos, threshold, float(m["nms_iou"]), self.max_det,
                            int(m.get("pre_nms_top_k", 100)), self.box_scale, self.center_prior)
 
-    def detect_arrays(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Per image a ``[K, 5]`` array ``x1 y1 x2 y2 score`` in original pixels."""
+    def detect_arrays(self, images: Sequence[np.ndarray], score_threshold: float | None = None) -> list[np.ndarray]:
+        """Per image a ``[K, 5]`` array ``x1 y1 x2 y2 score`` in original pixels.
+
+        ``score_threshold`` (default: the detector's own) applies to the network's score; the
+        score returned carries the centre prior, so filter with this argument, not on it."""
         results: list[np.ndarray] = []
         for start in range(0, len(images), self.batch_size):
             prepared = [self.preprocess(img) for img in images[start:start + self.batch_size]]
             batch = np.stack([p[0] for p in prepared])
             boxes, scores = self.predict_dense(batch)
-            results.extend(self.postprocess(boxes, scores, [p[1] for p in prepared]))
+            results.extend(self.postprocess(boxes, scores, [p[1] for p in prepared], score_threshold))
         return results
 
     def detect_batch(self, images: Sequence[np.ndarray]) -> list[list[Box]]:

@@ -144,9 +144,9 @@ class RecognitionSystem:
         if self.detector is None:
             return np.zeros((0, 4), dtype=np.float32)
         start = time.perf_counter()
-        dets = self.detector.detect_arrays([image])[0]
+        dets = self.detector.detect_arrays([image], score_threshold=self.settings.det_threshold)[0]
         self.timings.detect += time.perf_counter() - start
-        return dets[dets[:, 4] >= self.settings.det_threshold][: self.settings.max_det, :4]
+        return dets[: self.settings.max_det, :4]
 
     def boxes_for(self, image: np.ndarray) -> np.ndarray:
         """The candidate object boxes ``[K, 4]`` x1 y1 x2 y2: detections (+ the whole image)."""
