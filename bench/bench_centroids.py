@@ -18,7 +18,7 @@ from contextlib import nullcontext
 
 import numpy as np
 
-from bench_index import build, make_data, milvus_server
+from bench_index import build, make_data, make_parser, milvus_server
 from visrec.index.faiss_index import EXACT_BELOW
 
 
@@ -31,9 +31,9 @@ def main() -> None:
     parser.add_argument("--searches", type=int, default=50)
     parser.add_argument("--milvus-uri", default=None)
     args = parser.parse_args()
-    # what bench_index.build reads: the pipeline's HNSW defaults, adds of 10,000
-    build_args = argparse.Namespace(threads=2, add_chunk=10_000, ef_construction=None, hnsw_m=None,
-                                    exact_below=EXACT_BELOW)
+    # what bench_index.build reads: its defaults (the pipeline's HNSW settings), adds of 10,000,
+    # exhaustive search below the pipeline's exact_below as served
+    build_args = make_parser().parse_args(["--add-chunk", "10000", "--exact-below", str(EXACT_BELOW)])
     rng = np.random.default_rng(0)
     print("| n | labels | backend | search ms / photo | centroids, first photo ms | centroids, next photos ms |")
     print("|---:|---:|---|---:|---:|---:|")

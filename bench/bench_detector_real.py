@@ -3,7 +3,7 @@
 Trains the detector of ``params.yaml`` (with ``-o`` overrides) on a generated synthetic set,
 and after every epoch scores it, through the export, on the photos of the unseen classes of
 a real CUB folder (AP50 / COCO mAP against CUB's boxes): as the export serves it (with the box
-scale and centre prior the export stage adds, ``training.detector.export_calibration``) and the
+scale and centre prior the export stage adds, ``training.detector.detector_calibration``) and the
 network's boxes alone. No real photo is used in training:
 this is the out-of-the-box figure of issue #16.
 
@@ -30,7 +30,7 @@ from visrec.data.cub import CUB_DIRNAME, read_cub
 from visrec.data.split import coco_for, write_split
 from visrec.data.synthetic import generate
 from visrec.inference.detector_runtime import exported_predict_fn
-from visrec.training.detector import (evaluate_detector, export_calibration, load_trained, make_dataset,
+from visrec.training.detector import (detector_calibration, evaluate_detector, load_trained, make_dataset,
                                       model_config, postprocess_params, train_detector)
 from visrec.utils.logs import setup_logging
 
@@ -52,8 +52,15 @@ def score(model, cfg, dataset, calibration: dict[str, float]) -> dict[str, float
     model.eval()
     with tempfile.TemporaryDirectory(prefix="visrec-det-real-") as tmp:
         predict = exported_predict_fn(model, model_config(cfg), Path(tmp) / "detector")
-        metrics, _ = evaluate_detector(predict, dataset, cfg.eval_batch_size, postprocess_params(cfg))
-        served, _ = evaluate_detector(predict, dataset, cfg.eval_batch_size,
+        outputs = []  # one network pass: the second post-processing replays its batches in order
+
+        def recording(batch):
+            outputs.append(predict(batch))
+            return outputs[-1]
+
+        metrics, _ = evaluate_detector(recording, dataset, cfg.eval_batch_size, postprocess_params(cfg))
+        replay = iter(outputs)
+        served, _ = evaluate_detector(lambda batch: next(replay), dataset, cfg.eval_batch_size,
                                       {**postprocess_params(cfg), **calibration})
     model.train()
     return {**metrics, **{f"exported_{k}": v for k, v in served.items()}}
@@ -96,8 +103,7 @@ def main() -> None:
     real = real_dataset(det, args.cub_dir, args.train_classes, args.work)
     print(f"{len(real)} real photos of the unseen classes of {args.cub_dir}; overrides {args.override or 'none'}")
     # what the export stage would add: a detector trained on real boxes gets no calibration
-    calibration = export_calibration(dataclasses.replace(
-        cfg, data=dataclasses.replace(cfg.data, source=str(args.cub_dir) if args.train_on_real else "synthetic")))
+    calibration = detector_calibration(det, generated=not args.train_on_real)
     print(f"export calibration {calibration}")
     if args.export:
         model, _ = load_trained(args.export)

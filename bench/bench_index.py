@@ -161,7 +161,9 @@ def hnsw_params(index_type: str, args) -> dict:
     return params
 
 
-def main() -> None:
+def make_parser() -> argparse.ArgumentParser:
+    """This benchmark's options; ``make_parser().parse_args([...])`` also gives other benchmarks
+    the settings :func:`build` reads."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", nargs="+", choices=["faiss", "milvus"], default=["faiss"])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
@@ -188,7 +190,11 @@ def main() -> None:
     parser.add_argument("--insert-batch", type=int, default=5_000, help="Milvus: rows per insert call")
     parser.add_argument("--milvus-uri", help="an existing Milvus server (default: a Milvus Lite server for this run)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = make_parser().parse_args()
     rng = np.random.default_rng(args.seed)
 
     if args.features:

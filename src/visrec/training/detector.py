@@ -66,14 +66,18 @@ def make_dataset(cfg: DetectorConfig, raw_root: Path, coco_path: Path, train: bo
         color_jitter=aug.color_jitter, cache_images=img.cache_images, max_images=max_images, seed=cfg.seed)
 
 
-def export_calibration(cfg: Config) -> dict[str, float]:
+def detector_calibration(cfg: DetectorConfig, generated: bool) -> dict[str, float]:
     """What the export adds to post-processing (``export_detector``'s keywords): after training on
-    the generated set, ``synthetic_box_scale`` and ``synthetic_center_prior``; after real boxes,
-    none (1.0, 0.0): such a detector learned real extents and where photographers put things."""
-    if cfg.data.source != "synthetic":
+    the generated set (``generated``), ``synthetic_box_scale`` and ``synthetic_center_prior``; after
+    real boxes, none (1.0, 0.0): such a detector learned real extents and where photographers put things."""
+    if not generated:
         return {"box_scale": 1.0, "center_prior": 0.0}
-    return {"box_scale": float(cfg.detector.synthetic_box_scale),
-            "center_prior": float(cfg.detector.synthetic_center_prior)}
+    return {"box_scale": float(cfg.synthetic_box_scale), "center_prior": float(cfg.synthetic_center_prior)}
+
+
+def export_calibration(cfg: Config) -> dict[str, float]:
+    """:func:`detector_calibration` of the pipeline's detector, trained on ``data.source``."""
+    return detector_calibration(cfg.detector, cfg.data.source == "synthetic")
 
 
 def postprocess_params(cfg: DetectorConfig) -> dict[str, Any]:
