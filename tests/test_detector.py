@@ -25,7 +25,8 @@ from visrec.data.det_dataset import (
 )
 from visrec.data.det_transforms import CropKeepingBoxes, HorizontalFlip, ResizeToInput
 from visrec.imaging import ResizeInfo, resize_geometry, resize_to_input
-from visrec.inference.detection_post import box_iou, nms, postprocess
+from visrec.inference.detection_post import (MASS_SCALE, RANK_DECAY, box_iou, consensus_scores, nms, postprocess,
+                                            refine_extents)
 from visrec.inference.detector_runtime import Detector, dygraph_predict_fn, export_detector, split_outputs
 from visrec.inference.export import read_model_json
 from visrec.metrics.detection import coco_detection_metrics
@@ -272,10 +273,13 @@ def test_only_a_detector_trained_on_generated_data_exports_a_calibration():
     cfg = Config()
     assert cfg.data.source == "synthetic"
     assert export_calibration(cfg) == {"box_scale": cfg.detector.synthetic_box_scale,
-                                       "center_prior": cfg.detector.synthetic_center_prior}
-    assert cfg.detector.synthetic_center_prior > 0
-    cfg.data.source = "/data/CUB_200_2011"  # real boxes: the detector's own extent and framing are right
-    assert export_calibration(cfg) == {"box_scale": 1.0, "center_prior": 0.0}
+                                       "center_prior": cfg.detector.synthetic_center_prior,
+                                       "extent_blend": cfg.detector.synthetic_extent_blend,
+                                       "consensus": cfg.detector.synthetic_consensus}
+    assert cfg.detector.synthetic_center_prior > 0 and cfg.detector.synthetic_extent_blend > 0
+    cfg.data.source = "/data/CUB_200_2011"  # real boxes: the detector's own extent, scores and framing are right
+    assert export_calibration(cfg) == {"box_scale": 1.0, "center_prior": 0.0, "extent_blend": 0.0,
+                                       "consensus": False}
 
 
 def test_center_prior_ranks_a_central_box_above_a_better_scored_corner_box():
@@ -503,7 +507,8 @@ def test_export_parity_dygraph_paddle_inference_onnx(trained_run, tiny_det, tmp_
     cfg = tiny_config()
     dataset = make_dataset(cfg, root, split / "test_coco.json", train=False)
     batch = np.stack([dataset[i][0] for i in range(len(dataset))])
-    boxes, scores = dygraph_predict_fn(model)(batch)
+    boxes, scores, saliency = dygraph_predict_fn(model)(batch)
+    assert saliency.shape == (len(batch), 1, 2, 2)  # stride 32 of a 64-px input
     # a trained net: outputs differ across images and locations by far more than the tolerance
     assert scores.std() > 1e-3 and np.abs(boxes - boxes.mean(axis=0)).max() > 1.0
 
@@ -517,11 +522,12 @@ def test_export_parity_dygraph_paddle_inference_onnx(trained_run, tiny_det, tmp_
     assert all(len(d) == 5 for d in reference)
     for backend in ("paddle", "onnx"):
         detector = Detector(tmp_path / "export", backend=backend, num_threads=1, score_threshold=0.0)
-        dense_boxes, dense_scores = detector.predict_dense(batch)
+        dense_boxes, dense_scores, dense_saliency = detector.predict_dense(batch)
         # The network's dense outputs match; post-processing is the same numpy code for all.
         np.testing.assert_allclose(dense_boxes, boxes, rtol=1e-4, atol=1e-3, err_msg=backend)
         np.testing.assert_allclose(dense_scores, scores, rtol=1e-5, atol=1e-4, err_msg=backend)
-        got = detector.postprocess(dense_boxes, dense_scores, infos)
+        np.testing.assert_allclose(dense_saliency, saliency, rtol=1e-4, atol=1e-4, err_msg=backend)
+        got = detector.postprocess(dense_boxes, dense_scores, infos, saliency=dense_saliency)
         for ref, det in zip(reference, got, strict=True):
             assert_same_clear_detections(det, ref, backend)
         # from raw images: Detector's own preprocessing equals the evaluation dataset's
@@ -533,23 +539,35 @@ def test_export_parity_dygraph_paddle_inference_onnx(trained_run, tiny_det, tmp_
 
     # the export's calibrations (model.json) apply unless the caller overrides them
     assert meta["box_scale"] == 1.0 and meta["center_prior"] == 0.0
-    for key, value, neutral in (("box_scale", 1.2, 1.0), ("center_prior", 0.3, 0.0)):
+    assert meta["extent_blend"] == 0.0 and meta["consensus"] is False
+    maps = {"saliency": saliency, "input_size": (64, 64)}
+    for key, value, neutral in (("box_scale", 1.2, 1.0), ("center_prior", 0.3, 0.0), ("extent_blend", 0.5, 0.0),
+                                ("consensus", True, None)):
         assert export_detector(model, model_cfg, tmp_path / key, onnx=False, **{key: value})[key] == value
         calibrated = Detector(tmp_path / key, num_threads=1, score_threshold=0.0)
-        expected = postprocess(boxes, scores, infos, **post, **{key: value})
-        for ref, det in zip(expected, calibrated.postprocess(boxes, scores, infos), strict=True):
+        expected = postprocess(boxes, scores, infos, **post, **maps, **{key: value})
+        for ref, det in zip(expected, calibrated.postprocess(boxes, scores, infos, saliency=saliency), strict=True):
             assert_same_clear_detections(det, ref, f"{key} from model.json")
         # a caller's threshold (recognition.det_threshold) applies like the detector's own
-        for ref, det in zip(postprocess(boxes, scores, infos, **{**post, "score_threshold": 0.5}, **{key: value}),
-                            calibrated.postprocess(boxes, scores, infos, score_threshold=0.5), strict=True):
+        for ref, det in zip(postprocess(boxes, scores, infos, **{**post, "score_threshold": 0.5}, **maps,
+                                        **{key: value}),
+                            calibrated.postprocess(boxes, scores, infos, score_threshold=0.5, saliency=saliency),
+                            strict=True):
             assert_same_clear_detections(det, ref, f"{key}, threshold 0.5")
+        if neutral is None:  # consensus scores are not a recognition override
+            continue
         assert getattr(Detector(tmp_path / key, num_threads=1, **{key: neutral}), key) == neutral
         with pytest.raises(ValueError, match=f"det_{key}"):
             Detector(tmp_path / key, num_threads=1, **{key: -1.0})
+    # an export from before the saliency output (two outputs) keeps its boxes: no refinement
+    blended = Detector(tmp_path / "extent_blend", num_threads=1, score_threshold=0.0)
+    for ref, det in zip(reference, blended.postprocess(boxes, scores, infos, saliency=None), strict=True):
+        assert_same_clear_detections(det, ref, "no saliency")
 
     dygraph = predict_dataset(dygraph_predict_fn(model), dataset, 5, post)
     np.testing.assert_allclose(by_position(dygraph[dataset.image_ids[0]]), by_position(reference[0]), atol=1e-5)
-    assert split_outputs([scores, boxes])[0] is boxes
+    assert split_outputs([scores, boxes])[0] is boxes and split_outputs([scores, boxes])[2] is None
+    assert split_outputs([saliency, scores, boxes])[2] is saliency
     with pytest.raises(ValueError, match="not a detector"):
         (tmp_path / "other").mkdir()
         (tmp_path / "other" / "model.json").write_text(json.dumps({"kind": "extractor"}))
@@ -605,3 +623,56 @@ def test_small_data_sets_train_for_at_least_min_steps() -> None:
     assert epochs_for(5, 450, 47) == 10   # 25 real species: 470 steps
     assert epochs_for(5, 0, 10) == 5      # off
     assert epochs_for(5, 450, 0) == 5     # no batches: nothing to stretch
+
+
+def test_refine_extents_moves_a_box_towards_the_salient_region_around_it():
+    info = ResizeInfo(1.0, 1.0, 0.0, 0.0, 160, 160)
+    saliency = np.zeros((1, 5, 5), np.float32)
+    saliency[0, 1:4, 1:4] = 1.0  # an object over input pixels ~32-128
+    small = np.array([[64.0, 64.0, 96.0, 96.0]], np.float32)  # the detector found its middle only
+    full = refine_extents(small, saliency, info, (160, 160), blend=1.0)
+    grown = np.array([56.0, 56.0, 104.0, 104.0])  # the search region: the box grown 1.5x
+    assert np.all(full[0, :2] <= small[0, :2]) and np.all(full[0, 2:] >= small[0, 2:])
+    assert np.all(full[0, :2] >= grown[:2] - 1) and np.all(full[0, 2:] <= grown[2:] + 1)
+    half = refine_extents(small, saliency, info, (160, 160), blend=0.5)
+    np.testing.assert_allclose(half, (small + full) / 2, atol=1e-3)
+    np.testing.assert_array_equal(refine_extents(small, saliency, info, (160, 160), blend=0.0), small)
+    flat = np.ones((1, 5, 5), np.float32)  # nothing stands out: the detector's box stays
+    np.testing.assert_array_equal(refine_extents(small, flat, info, (160, 160), blend=1.0), small)
+    # letterboxed: the map's padding is not part of the photo (orig 320 x 160 on a 160 input)
+    wide = ResizeInfo(0.5, 0.5, 0.0, 40.0, 320, 160)
+    moved = refine_extents(info_box := wide.to_original(small), saliency, wide, (160, 160), blend=1.0)
+    assert moved.shape == info_box.shape and np.all(moved[:, 2] <= 320) and np.all(moved[:, 3] <= 160)
+
+
+def test_consensus_scores_rank_photos_by_agreement_and_first_boxes_first():
+    kept = np.array([[0, 0, 10, 10], [50, 50, 60, 60]], np.float32)
+    kept_scores = np.array([0.6, 0.5], np.float32)
+    agreeing = np.array([[0, 0, 10, 10], [0, 0, 10, 11], [1, 0, 10, 10], [50, 50, 60, 60]], np.float32)
+    many = consensus_scores(kept, kept_scores, agreeing, np.array([0.6, 0.5, 0.5, 0.5], np.float32))
+    few = consensus_scores(kept, kept_scores, agreeing[[0, 3]], np.array([0.6, 0.5], np.float32))
+    # brute force: confidence from the first box's agreeing mass, then relative score x decay^rank
+    for got, mass in ((many, 1.6), (few, 0.6)):
+        confidence = 1 - np.exp(-MASS_SCALE * mass)
+        np.testing.assert_allclose(got, [confidence, confidence * 0.5 / 0.6 * RANK_DECAY], rtol=1e-5)
+    assert many[0] > few[0]  # more candidates agree: the photo's first box ranks higher
+    assert many[1] < few[0]  # a second box ranks after the first box of another photo
+    assert consensus_scores(kept[:0], kept_scores[:0], agreeing, np.ones(4, np.float32)).shape == (0,)
+
+
+def test_postprocess_applies_consensus_and_extent_refinement_only_when_asked():
+    info = ResizeInfo(1.0, 1.0, 0.0, 0.0, 160, 160)
+    boxes = np.array([[[64, 64, 96, 96], [65, 64, 96, 97], [0, 0, 20, 20]]], np.float32)
+    scores = np.array([[0.9, 0.8, 0.7]], np.float32)
+    saliency = np.zeros((1, 1, 5, 5), np.float32)
+    saliency[0, 0, 1:4, 1:4] = 1.0
+    (plain,) = postprocess(boxes, scores, [info], 0.1, 0.5, 5)
+    (both,) = postprocess(boxes, scores, [info], 0.1, 0.5, 5, saliency=saliency, extent_blend=0.5,
+                          consensus=True, input_size=(160, 160))
+    assert len(plain) == len(both) == 2
+    np.testing.assert_allclose(both[:, 4], consensus_scores(plain[:, :4], plain[:, 4], boxes[0], scores[0]))
+    np.testing.assert_allclose(both[:, :4], refine_extents(plain[:, :4], saliency[0], info, (160, 160), 0.5))
+    with pytest.raises(ValueError, match="saliency"):
+        postprocess(boxes, scores, [info], 0.1, 0.5, 5, extent_blend=0.5, input_size=(160, 160))
+    with pytest.raises(ValueError, match="extent_blend"):
+        postprocess(boxes, scores, [info], 0.1, 0.5, 5, saliency=saliency, extent_blend=1.5, input_size=(160, 160))

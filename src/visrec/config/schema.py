@@ -163,6 +163,7 @@ class RecognitionConfig:
     max_det: int = 5  # mainbody boxes per image, as PP-ShiTu
     det_box_scale: float | None = None  # detected boxes grown about their centres; None: the export's own
     det_center_prior: float | None = None  # sigma of the centre weighting of detector scores (0: none); None: the export's own
+    det_extent_blend: float | None = None  # how far boxes move to the backbone's salient extent (0: none); None: the export's own
     whole_image_box: bool = True  # also recognise the whole image, as PP-ShiTu does
     # A cascade (needs whole_image_box): embed and search the whole image first; when its best
     # label passes the score threshold and leads the runner-up by at least this margin, skip the

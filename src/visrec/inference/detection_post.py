@@ -10,9 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 
 from visrec.imaging import ResizeInfo
+
+# Extent refinement: the saliency is searched inside each box grown this much about its centre.
+SALIENCY_SEARCH = 1.5
+# Consensus scores: a photo's confidence is 1 - exp(-MASS_SCALE x the summed scores of the
+# candidates that agree with its first box (IoU >= CONSENSUS_IOU)); the k-th box gets
+# RANK_DECAY^k of it, so first boxes of all photos rank before second ones.
+MASS_SCALE, CONSENSUS_IOU, RANK_DECAY = 0.2, 0.5, 0.2
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -60,9 +68,68 @@ def centre_weights(boxes: np.ndarray, width: float, height: float, sigma: float)
     return np.exp(-(dx * dx + dy * dy) / (2 * sigma * sigma)).astype(np.float32)
 
 
+def refine_extents(boxes: np.ndarray, saliency: np.ndarray, info: ResizeInfo, input_size: tuple[int, int],
+                   blend: float) -> np.ndarray:
+    """``x1 y1 x2 y2`` boxes (original pixels) moved ``blend`` of the way to the extent of the salient
+    region around them: the largest connected region, inside the box grown ``SALIENCY_SEARCH``x,
+    where ``saliency`` (the backbone's map over the network input) is above its mean over the photo.
+
+    A detector trained on generated scenes finds the object but sizes it by what the shapes
+    taught it, which varies from run to run (median predicted / true area 0.68-0.98 over three
+    seeds on real photos); the pretrained backbone's own map of where the object is does not.
+    """
+    height, width = input_size
+    boxes = np.asarray(boxes, dtype=np.float32)
+    if not len(boxes) or blend <= 0:
+        return boxes
+    heat = cv2.resize(np.asarray(saliency, dtype=np.float32).reshape(saliency.shape[-2:]), (width, height),
+                      interpolation=cv2.INTER_LINEAR)
+    x0, y0 = int(info.pad_x), int(info.pad_y)  # the photo's area on the (letterboxed) input
+    x1 = int(np.ceil(info.pad_x + info.orig_w * info.scale_x))
+    y1 = int(np.ceil(info.pad_y + info.orig_h * info.scale_y))
+    salient = np.zeros((height, width), dtype=bool)
+    photo = heat[y0:y1, x0:x1]
+    salient[y0:y1, x0:x1] = photo > photo.mean()
+    out = boxes.copy()
+    for i, box in enumerate(info.to_input(boxes).astype(np.float64)):
+        centre, half = (box[:2] + box[2:]) / 2, (box[2:] - box[:2]) * SALIENCY_SEARCH / 2
+        lo = np.clip(np.floor(centre - half), 0, [width - 1, height - 1]).astype(int)
+        hi = np.clip(np.ceil(centre + half), 1, [width, height]).astype(int)
+        region = salient[lo[1]:hi[1], lo[0]:hi[0]].astype(np.uint8)
+        if region.sum() < 4:  # nothing salient around it: keep the detector's box
+            continue
+        _, _, stats, _ = cv2.connectedComponentsWithStats(region, connectivity=8)
+        j = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+        left, top, w, h = stats[j, :4]
+        extent = np.array([left, top, left + w, top + h], dtype=np.float64) + np.concatenate([lo, lo])
+        out[i, :4] = info.to_original(((1 - blend) * box + blend * extent)[None])[0]
+    out[:, 0::2] = out[:, 0::2].clip(0, info.orig_w)
+    out[:, 1::2] = out[:, 1::2].clip(0, info.orig_h)
+    return out
+
+
+def consensus_scores(kept: np.ndarray, kept_scores: np.ndarray, candidates: np.ndarray,
+                     candidate_scores: np.ndarray) -> np.ndarray:
+    """Scores for the kept boxes of one photo (best first) that rank photos by how many dense
+    candidates agree with their first box, and every first box before any second one.
+
+    The network's score of a box says how object-like its one location looks; the summed scores
+    of the candidates overlapping it say how many locations agree on that box, which tells a right
+    first box from a wrong one better on real photos (AUC 0.78 vs 0.73-0.75, docs/experiments.md).
+    """
+    if not len(kept):
+        return np.asarray(kept_scores, dtype=np.float32)
+    mass = float(candidate_scores[box_iou(kept[:1], candidates)[0] >= CONSENSUS_IOU].sum())
+    confidence = 1.0 - np.exp(-MASS_SCALE * mass)
+    relative = np.asarray(kept_scores, dtype=np.float64) / max(float(kept_scores[0]), 1e-12)
+    return (confidence * relative * RANK_DECAY ** np.arange(len(kept))).astype(np.float32)
+
+
 def postprocess(boxes: np.ndarray, scores: np.ndarray, infos: Sequence[ResizeInfo],
                 score_threshold: float, nms_iou: float, max_det: int,
-                pre_nms_top_k: int = 100, box_scale: float = 1.0, center_prior: float = 0.0) -> list[np.ndarray]:
+                pre_nms_top_k: int = 100, box_scale: float = 1.0, center_prior: float = 0.0,
+                saliency: np.ndarray | None = None, extent_blend: float = 0.0,
+                consensus: bool = False, input_size: tuple[int, int] | None = None) -> list[np.ndarray]:
     """Dense outputs of a batch -> per image ``[K, 5]`` arrays ``x1 y1 x2 y2 score``.
 
     ``boxes`` [N, P, 4] in network-input pixels, ``scores`` [N, P]; ``infos`` map each
@@ -73,6 +140,11 @@ def postprocess(boxes: np.ndarray, scores: np.ndarray, infos: Sequence[ResizeInf
     on generated scenes (objects anywhere) has never seen. The threshold still applies to the
     network's own score: the prior decides which object comes first, not whether one is there
     (an object off the centre is still found, ranked after a central one).
+
+    ``extent_blend`` > 0 moves each kept box towards the salient region around it
+    (:func:`refine_extents`; needs ``saliency`` [N, 1, h, w] over the network input and that
+    input's ``input_size`` (H, W)).
+    ``consensus`` replaces the returned scores by :func:`consensus_scores` (order unchanged).
     """
     if not box_scale > 0:
         raise ValueError(f"box_scale must be > 0, got {box_scale}")
@@ -84,8 +156,16 @@ def postprocess(boxes: np.ndarray, scores: np.ndarray, infos: Sequence[ResizeInf
         raise ValueError(f"expected boxes [N, P, 4] and scores [N, P], got {boxes.shape} and {scores.shape}")
     if len(infos) != boxes.shape[0]:
         raise ValueError(f"{len(infos)} resize infos for a batch of {boxes.shape[0]} images")
+    if not 0 <= extent_blend <= 1:
+        raise ValueError(f"extent_blend must be in [0, 1] (0: off), got {extent_blend}")
+    if extent_blend > 0:
+        if saliency is None:
+            raise ValueError("extent_blend needs the detector's saliency output: re-export the detector "
+                             "(exports from before 2026-12-04 have none), or set the blend to 0")
+        if input_size is None:
+            raise ValueError("extent_blend needs the network input size (H, W)")
     results = []
-    for img_boxes, img_scores, info in zip(boxes, scores, infos, strict=True):
+    for n, (img_boxes, img_scores, info) in enumerate(zip(boxes, scores, infos, strict=True)):
         idx = np.nonzero(img_scores >= score_threshold)[0]
         if center_prior > 0:
             centres = info.to_original(img_boxes[idx])  # where each box sits in the photo, before growing
@@ -104,5 +184,9 @@ def postprocess(boxes: np.ndarray, scores: np.ndarray, infos: Sequence[ResizeInf
         if keep.size:
             out[:, :4] = cand[keep]
             out[:, 4] = cand_scores[keep]
+            if consensus:  # on the network's boxes: agreement is about them, not the refined ones
+                out[:, 4] = consensus_scores(out[:, :4], out[:, 4], cand, cand_scores)
+            if extent_blend > 0:
+                out[:, :4] = refine_extents(out[:, :4], saliency[n], info, input_size, extent_blend)
         results.append(out)
     return results

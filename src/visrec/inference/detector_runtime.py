@@ -1,7 +1,8 @@
 """The mainbody detector at inference: export, and a ``Detector`` over an exported model.
 
 The exported network takes the preprocessed batch ``[N, 3, H, W]`` and returns dense
-decoded boxes ``[N, P, 4]`` (network-input pixels) and scores ``[N, P]``. Everything
+decoded boxes ``[N, P, 4]`` (network-input pixels), scores ``[N, P]`` and the backbone's
+saliency ``[N, 1, h, w]`` (exports from before 2026-12-04 lack the last). Everything
 after that (threshold, NMS, ``max_det``, back to original coordinates) is
 ``visrec.inference.detection_post.postprocess``, the same function the dygraph
 evaluation uses: exported and dygraph paths give the same boxes.
@@ -30,12 +31,14 @@ from visrec.inference.predictors import Backend, Predictor
 logger = logging.getLogger(__name__)
 
 Box = tuple[float, float, float, float, float]
-# A dense predict function: NCHW float32 batch -> (boxes [N, P, 4], scores [N, P]).
-DensePredictFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+# A dense predict function: NCHW float32 batch -> (boxes [N, P, 4], scores [N, P],
+# saliency [N, 1, h, w] or None for an export without it).
+DenseOutputs = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
+DensePredictFn = Callable[[np.ndarray], DenseOutputs]
 
 
 class DetectorExportNet(nn.Layer):
-    """The layer exported: ``forward(x) = detector.predict(x)`` (dense boxes, scores)."""
+    """The layer exported: ``forward(x) = detector.predict(x)`` (dense boxes, scores, saliency)."""
 
     def __init__(self, detector: nn.Layer):
         super().__init__()
@@ -59,35 +62,41 @@ def detector_meta(model_config: dict[str, Any]) -> dict[str, Any]:
         "score_threshold": post["score_threshold"], "nms_iou": post["nms_iou"],
         "max_det": post["max_det"], "pre_nms_top_k": post["pre_nms_top_k"],
         "categories": [{"id": 1, "name": "foreground"}],
-        "outputs": ["boxes [N, P, 4] x1 y1 x2 y2 in input pixels (dense, pre-NMS)", "scores [N, P]"],
+        "outputs": ["boxes [N, P, 4] x1 y1 x2 y2 in input pixels (dense, pre-NMS)", "scores [N, P]",
+                    "saliency [N, 1, h, w] (the backbone's, stride 32)"],
         "backbone": model_config["backbone"],
     }
 
 
 def export_detector(model, model_config: dict[str, Any], out_dir: str | Path, onnx: bool = True,
-                    box_scale: float = 1.0, center_prior: float = 0.0) -> dict[str, Any]:
+                    box_scale: float = 1.0, center_prior: float = 0.0, extent_blend: float = 0.0,
+                    consensus: bool = False) -> dict[str, Any]:
     """Paddle inference files (+ ONNX) + ``model.json`` for a trained ``MainbodyDetector``.
 
     ``box_scale`` (how much the runtime grows each box) and ``center_prior`` (the sigma of the
-    centre weighting of scores, 0: none; ``detection_post.postprocess``) go in model.json:
-    calibrations that belong to the model, since they depend on what it was trained on.
+    centre weighting of scores, 0: none), ``extent_blend`` and ``consensus``
+    (``detection_post.postprocess``) go in model.json: calibrations that belong to the model,
+    since they depend on what it was trained on.
     """
     model.eval()
     if hasattr(model, "rep"):
         model.rep()
-    meta = {**detector_meta(model_config), "box_scale": float(box_scale), "center_prior": float(center_prior)}
+    meta = {**detector_meta(model_config), "box_scale": float(box_scale), "center_prior": float(center_prior),
+            "extent_blend": float(extent_blend), "consensus": bool(consensus)}
     size = meta["input_size"][0]
     return export_layer(DetectorExportNet(model), out_dir, [None, 3, size, size], meta, onnx=onnx)
 
 
-def split_outputs(outputs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(boxes, scores) from a predictor's outputs, told apart by rank (output order may vary)."""
+def split_outputs(outputs: Sequence[np.ndarray]) -> DenseOutputs:
+    """(boxes, scores, saliency or None) from a predictor's outputs, told apart by rank (output
+    order may vary; an export from before the saliency output has two)."""
     boxes = [o for o in outputs if o.ndim == 3]
     scores = [o for o in outputs if o.ndim == 2]
-    if len(boxes) != 1 or len(scores) != 1:
-        raise ValueError(f"expected a [N, P, 4] and a [N, P] output, got shapes {[o.shape for o in outputs]}: "
-                         "is this an exported visrec detector?")
-    return boxes[0], scores[0]
+    saliency = [o for o in outputs if o.ndim == 4]
+    if len(boxes) != 1 or len(scores) != 1 or len(saliency) > 1:
+        raise ValueError(f"expected a [N, P, 4], a [N, P] and at most one [N, 1, h, w] output, got shapes "
+                         f"{[o.shape for o in outputs]}: is this an exported visrec detector?")
+    return boxes[0], scores[0], saliency[0] if saliency else None
 
 
 def exported_predict_fn(model, model_config: dict[str, Any], work_dir: str | Path,
@@ -104,11 +113,11 @@ def exported_predict_fn(model, model_config: dict[str, Any], work_dir: str | Pat
 
 def dygraph_predict_fn(model) -> DensePredictFn:
     """Dense predictions of a dygraph ``MainbodyDetector`` (eval mode, no grad)."""
-    def predict(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict(batch: np.ndarray) -> DenseOutputs:
         model.eval()
         with paddle.no_grad():
-            boxes, scores = model.predict(paddle.to_tensor(batch))
-        return boxes.numpy(), scores.numpy()
+            boxes, scores, saliency = model.predict(paddle.to_tensor(batch))
+        return boxes.numpy(), scores.numpy(), saliency.numpy()
 
     return predict
 
@@ -118,7 +127,8 @@ class Detector:
 
     def __init__(self, model_dir: str | Path, backend: Backend = "paddle", num_threads: int = 2,
                  batch_size: int = 16, score_threshold: float | None = None, max_det: int | None = None,
-                 box_scale: float | None = None, center_prior: float | None = None):
+                 box_scale: float | None = None, center_prior: float | None = None,
+                 extent_blend: float | None = None):
         self.meta = read_model_json(model_dir)
         if self.meta.get("kind") != "detector":
             raise ValueError(f"{model_dir} holds a {self.meta.get('kind')!r} model, not a detector: "
@@ -137,6 +147,11 @@ class Detector:
         if not center_prior >= 0:
             raise ValueError(f"center_prior must be >= 0, 0 for none (recognition.det_center_prior), got {center_prior}")
         self.center_prior = center_prior
+        self.extent_blend = float(self.meta.get("extent_blend", 0.0) if extent_blend is None else extent_blend)
+        if not 0 <= self.extent_blend <= 1:
+            raise ValueError(f"extent_blend must be in [0, 1], 0 for none (recognition.det_extent_blend), "
+                             f"got {self.extent_blend}")
+        self.consensus = bool(self.meta.get("consensus", False))
 
     @property
     def fingerprint(self) -> str:
@@ -151,15 +166,19 @@ class Detector:
         resized, info = resize_to_input(image, self.size, m["resize"], tuple(m["pad_value"]))
         return normalize_chw(resized, m["mean"], m["std"], m["scale"]), info
 
-    def predict_dense(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict_dense(self, batch: np.ndarray) -> DenseOutputs:
         return split_outputs(self.predictor(batch))
 
     def postprocess(self, boxes: np.ndarray, scores: np.ndarray, infos: Sequence[ResizeInfo],
-                    score_threshold: float | None = None) -> list[np.ndarray]:
+                    score_threshold: float | None = None, saliency: np.ndarray | None = None) -> list[np.ndarray]:
         m = self.meta
         threshold = self.score_threshold if score_threshold is None else float(score_threshold)
+        # an export without the saliency output cannot refine: it keeps its boxes
+        blend = self.extent_blend if saliency is not None else 0.0
         return postprocess(boxes, scores, infos, threshold, float(m["nms_iou"]), self.max_det,
-                           int(m.get("pre_nms_top_k", 100)), self.box_scale, self.center_prior)
+                           int(m.get("pre_nms_top_k", 100)), self.box_scale, self.center_prior,
+                           saliency=saliency, extent_blend=blend, consensus=self.consensus,
+                           input_size=(self.size, self.size))
 
     def detect_arrays(self, images: Sequence[np.ndarray], score_threshold: float | None = None) -> list[np.ndarray]:
         """Per image a ``[K, 5]`` array ``x1 y1 x2 y2 score`` in original pixels.
@@ -170,8 +189,8 @@ class Detector:
         for start in range(0, len(images), self.batch_size):
             prepared = [self.preprocess(img) for img in images[start:start + self.batch_size]]
             batch = np.stack([p[0] for p in prepared])
-            boxes, scores = self.predict_dense(batch)
-            results.extend(self.postprocess(boxes, scores, [p[1] for p in prepared], score_threshold))
+            boxes, scores, saliency = self.predict_dense(batch)
+            results.extend(self.postprocess(boxes, scores, [p[1] for p in prepared], score_threshold, saliency))
         return results
 
     def detect_batch(self, images: Sequence[np.ndarray]) -> list[list[Box]]:

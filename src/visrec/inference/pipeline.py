@@ -73,7 +73,7 @@ def load_detector(rec_cfg: RecognitionConfig) -> Detector | None:
         backend = "onnx" if (Path(rec_cfg.detector) / ONNX_FILE).is_file() else rec_cfg.backend
     return Detector(rec_cfg.detector, backend=backend, num_threads=rec_cfg.num_threads,
                     score_threshold=rec_cfg.det_threshold, max_det=rec_cfg.max_det, box_scale=rec_cfg.det_box_scale,
-                    center_prior=rec_cfg.det_center_prior)
+                    center_prior=rec_cfg.det_center_prior, extent_blend=rec_cfg.det_extent_blend)
 
 
 def whole_box(width: int, height: int) -> np.ndarray:

@@ -147,18 +147,30 @@ class MainbodyDetector(nn.Layer):
             self._points[key] = make_points(*key, self.strides)
         return self._points[key]
 
-    def forward(self, x: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
-        """Raw outputs: logits [N, P] and distances [N, P, 4] (input pixels)."""
+    def stages(self, x: paddle.Tensor) -> list[paddle.Tensor]:
         # Only in eager mode: an export traced during training (an epoch callback) must see the real backbone.
         fast = self.stage_features is not None and paddle.in_dynamic_mode()
-        stages = self.stage_features(x) if fast else self.backbone.forward_stages(x)
-        return self.head(self.neck(stages))
+        return self.stage_features(x) if fast else self.backbone.forward_stages(x)
 
-    def predict(self, x: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
-        """Dense decoded boxes [N, P, 4] (x1 y1 x2 y2, input pixels) and scores [N, P]."""
-        logits, distances = self(x)
+    def forward(self, x: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """Raw outputs: logits [N, P] and distances [N, P, 4] (input pixels)."""
+        return self.head(self.neck(self.stages(x)))
+
+    def saliency(self, stages: list[paddle.Tensor]) -> paddle.Tensor:
+        """``[N, 1, h, w]`` channel mean of the backbone's deepest activations (its head conv's where
+        it has one: an ImageNet backbone's own "where is the object" map, which no training here touches)."""
+        last = stages[-1]
+        if hasattr(self.backbone, "head_activation"):
+            last = self.backbone.head_activation(last)
+        return last.mean(axis=1, keepdim=True)
+
+    def predict(self, x: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+        """Dense decoded boxes [N, P, 4] (x1 y1 x2 y2, input pixels), scores [N, P] and the
+        backbone's saliency [N, 1, h, w] (stride 32), from one backbone pass."""
+        stages = self.stages(x)
+        logits, distances = self.head(self.neck(stages))
         points, _ = self.points(x.shape[2], x.shape[3])
-        return decode_boxes(paddle.to_tensor(points), distances), F.sigmoid(logits)
+        return decode_boxes(paddle.to_tensor(points), distances), F.sigmoid(logits), self.saliency(stages)
 
     def rep(self) -> None:
         if hasattr(self.backbone, "rep"):

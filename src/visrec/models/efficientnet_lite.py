@@ -180,7 +180,11 @@ class EfficientNetLite0(StagedBackbone):
 
     def forward_head(self, x: paddle.Tensor) -> paddle.Tensor:
         """The 1280-channel map after the head conv (stride 32): what gets pooled."""
-        return nn.functional.relu6(self._bn1(self._conv_head(self.forward_features(x))))
+        return self.head_activation(self.forward_features(x))
+
+    def head_activation(self, last_stage: paddle.Tensor) -> paddle.Tensor:
+        """The head conv on the last stage map (what ``forward_head`` adds to ``forward_features``)."""
+        return nn.functional.relu6(self._bn1(self._conv_head(last_stage)))
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         return self.pool(self.forward_head(x))

@@ -66,16 +66,17 @@ def make_dataset(cfg: DetectorConfig, raw_root: Path, coco_path: Path, train: bo
         color_jitter=aug.color_jitter, cache_images=img.cache_images, max_images=max_images, seed=cfg.seed)
 
 
-def detector_calibration(cfg: DetectorConfig, generated: bool) -> dict[str, float]:
+def detector_calibration(cfg: DetectorConfig, generated: bool) -> dict[str, Any]:
     """What the export adds to post-processing (``export_detector``'s keywords): after training on
-    the generated set (``generated``), ``synthetic_box_scale`` and ``synthetic_center_prior``; after
-    real boxes, none (1.0, 0.0): such a detector learned real extents and where photographers put things."""
+    the generated set (``generated``), the ``synthetic_*`` settings; after real boxes, none: such a
+    detector learned real extents, real scores and where photographers put things."""
     if not generated:
-        return {"box_scale": 1.0, "center_prior": 0.0}
-    return {"box_scale": float(cfg.synthetic_box_scale), "center_prior": float(cfg.synthetic_center_prior)}
+        return {"box_scale": 1.0, "center_prior": 0.0, "extent_blend": 0.0, "consensus": False}
+    return {"box_scale": float(cfg.synthetic_box_scale), "center_prior": float(cfg.synthetic_center_prior),
+            "extent_blend": float(cfg.synthetic_extent_blend), "consensus": bool(cfg.synthetic_consensus)}
 
 
-def export_calibration(cfg: Config) -> dict[str, float]:
+def export_calibration(cfg: Config) -> dict[str, Any]:
     """:func:`detector_calibration` of the pipeline's detector, trained on ``data.source``."""
     return detector_calibration(cfg.detector, cfg.data.source == "synthetic")
 
@@ -117,8 +118,9 @@ def predict_dataset(predict_fn: DensePredictFn, dataset: DetectionDataset, batch
     for start in tqdm(range(0, len(dataset), batch_size), desc="detecting", disable=not progress, leave=False):
         indices = range(start, min(start + batch_size, len(dataset)))
         items = [dataset[i] for i in indices]
-        boxes, scores = predict_fn(np.stack([it[0] for it in items]))
-        results = postprocess(boxes, scores, [dataset.resize_info(i) for i in indices], **post)
+        boxes, scores, saliency = predict_fn(np.stack([it[0] for it in items]))
+        results = postprocess(boxes, scores, [dataset.resize_info(i) for i in indices], **post,
+                              saliency=saliency, input_size=(dataset.size, dataset.size))
         detections.update({int(it[2]): dets for it, dets in zip(items, results, strict=True)})
     return detections
 
