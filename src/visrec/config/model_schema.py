@@ -164,7 +164,7 @@ class DetectorConfig:
     pre_nms_top_k: int = 100
     synthetic_center_prior: float = 0.25  # trained on the generated set: scores weighed by closeness to the photo's centre
     synthetic_box_scale: float = 1.0  # trained on the generated set: its boxes grown this much at inference
-    synthetic_extent_blend: float = 0.3  # trained on the generated set: boxes moved this far to the backbone's salient extent
+    synthetic_extent_blend: float = 0.15  # trained on the generated set: boxes moved this far to the backbone's salient extent
     synthetic_consensus: bool = True  # trained on the generated set: scores from the agreement of the dense candidates
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(
         name="adamw", lr=0.008, weight_decay=0.0001, warmup_epochs=0.5, milestones=[]))
