@@ -108,7 +108,8 @@ def detector_ap(rec, meta, queries, cub_dir: Path, progress: bool) -> dict:
     from visrec.inference.detector_runtime import Detector
 
     detector = Detector(rec.detector, backend=rec.backend, num_threads=rec.num_threads, score_threshold=0.0,
-                        box_scale=rec.det_box_scale, center_prior=rec.det_center_prior)
+                        box_scale=rec.det_box_scale, center_prior=rec.det_center_prior,
+                        extent_blend=rec.det_extent_blend)
     coco, _ = coco_for(meta, [image for image, _ in queries])
     detections = {}
     for start in tqdm(range(0, len(queries), 32), desc="detector AP", disable=not progress, leave=False):
