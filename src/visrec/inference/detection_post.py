@@ -3,7 +3,9 @@
 Training-time evaluation (dygraph network) and the exported detector (Paddle Inference /
 ONNX Runtime) turn dense outputs into the same boxes with :func:`postprocess`: score
 threshold, top-k, class-agnostic NMS, ``max_det``, mapped back to original image
-coordinates through the :class:`visrec.imaging.ResizeInfo` of the input resize.
+coordinates through the :class:`visrec.imaging.ResizeInfo` of the input resize; for a detector
+trained on generated scenes also the calibrations its export names (centre prior, box scale,
+extent refinement from the backbone's saliency, consensus scores).
 """
 
 from __future__ import annotations

@@ -184,7 +184,8 @@ class Detector:
         """Per image a ``[K, 5]`` array ``x1 y1 x2 y2 score`` in original pixels.
 
         ``score_threshold`` (default: the detector's own) applies to the network's score; the
-        score returned carries the centre prior, so filter with this argument, not on it."""
+        score returned carries the export's calibrations (centre prior, consensus), so filter with
+        this argument, not on it."""
         results: list[np.ndarray] = []
         for start in range(0, len(images), self.batch_size):
             prepared = [self.preprocess(img) for img in images[start:start + self.batch_size]]
