@@ -3,6 +3,7 @@ metrics, bad input, training end to end, and export parity (dygraph / Paddle Inf
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -280,6 +281,10 @@ def test_only_a_detector_trained_on_generated_data_exports_a_calibration():
     cfg.data.source = "/data/CUB_200_2011"  # real boxes: the detector's own extent, scores and framing are right
     assert export_calibration(cfg) == {"box_scale": 1.0, "center_prior": 0.0, "extent_blend": 0.0,
                                        "consensus": False}
+    cfg.data.source = "synthetic"
+    for knob, bad in (("synthetic_extent_blend", 1.5), ("synthetic_center_prior", -0.1), ("synthetic_box_scale", 0.0)):
+        with pytest.raises(ValueError, match=f"detector.{knob}"):
+            export_calibration(dataclasses.replace(cfg, detector=dataclasses.replace(cfg.detector, **{knob: bad})))
 
 
 def test_center_prior_ranks_a_central_box_above_a_better_scored_corner_box():

@@ -158,7 +158,8 @@ class MainbodyDetector(nn.Layer):
 
     def saliency(self, stages: list[paddle.Tensor]) -> paddle.Tensor:
         """``[N, 1, h, w]`` channel mean of the backbone's deepest activations (its head conv's where
-        it has one: an ImageNet backbone's own "where is the object" map, which no training here touches)."""
+        it has one): a pretrained backbone's own "where is the object" map, which training a frozen
+        backbone's detector (the default) does not touch."""
         last = stages[-1]
         if hasattr(self.backbone, "head_activation"):
             last = self.backbone.head_activation(last)

@@ -72,6 +72,12 @@ def detector_calibration(cfg: DetectorConfig, generated: bool) -> dict[str, Any]
     detector learned real extents, real scores and where photographers put things."""
     if not generated:
         return {"box_scale": 1.0, "center_prior": 0.0, "extent_blend": 0.0, "consensus": False}
+    # checked here, where the knob's name is known; the runtime would blame its recognition override
+    for knob, ok, rule in (("synthetic_box_scale", cfg.synthetic_box_scale > 0, "> 0"),
+                           ("synthetic_center_prior", cfg.synthetic_center_prior >= 0, ">= 0 (0: off)"),
+                           ("synthetic_extent_blend", 0 <= cfg.synthetic_extent_blend <= 1, "in [0, 1] (0: off)")):
+        if not ok:
+            raise ValueError(f"detector.{knob} must be {rule}, got {getattr(cfg, knob)}")
     return {"box_scale": float(cfg.synthetic_box_scale), "center_prior": float(cfg.synthetic_center_prior),
             "extent_blend": float(cfg.synthetic_extent_blend), "consensus": bool(cfg.synthetic_consensus)}
 
