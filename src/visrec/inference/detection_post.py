@@ -10,7 +10,7 @@ extent refinement from the backbone's saliency, consensus scores).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -23,6 +23,20 @@ SALIENCY_SEARCH = 1.5
 # candidates that agree with its first box (IoU >= CONSENSUS_IOU)); the k-th box gets
 # RANK_DECAY^k of it, so first boxes of all photos rank before second ones.
 MASS_SCALE, CONSENSUS_IOU, RANK_DECAY = 0.2, 0.5, 0.2
+# The numeric calibrations a detector export can carry, and what each must satisfy.
+CALIBRATION_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "box_scale": (lambda v: v > 0, "> 0"),
+    "center_prior": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "extent_blend": (lambda v: 0 <= v <= 1, "in [0, 1] (0: off)"),
+}
+
+
+def check_calibration(values: Mapping[str, float], knob: Callable[[str], str] = str) -> None:
+    """Raise naming ``knob(name)`` (the setting a user turns) for a calibration out of its range."""
+    for name, value in values.items():
+        valid, rule = CALIBRATION_RULES[name]
+        if not valid(value):
+            raise ValueError(f"{knob(name)} must be {rule}, got {value}")
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -148,18 +162,13 @@ def postprocess(boxes: np.ndarray, scores: np.ndarray, infos: Sequence[ResizeInf
     input's ``input_size`` (H, W)).
     ``consensus`` replaces the returned scores by :func:`consensus_scores` (order unchanged).
     """
-    if not box_scale > 0:
-        raise ValueError(f"box_scale must be > 0, got {box_scale}")
-    if not center_prior >= 0:
-        raise ValueError(f"center_prior must be >= 0 (0: off), got {center_prior}")
+    check_calibration({"box_scale": box_scale, "center_prior": center_prior, "extent_blend": extent_blend})
     boxes = np.asarray(boxes, dtype=np.float32)
     scores = np.asarray(scores, dtype=np.float32)
     if boxes.ndim != 3 or boxes.shape[-1] != 4 or scores.shape != boxes.shape[:2]:
         raise ValueError(f"expected boxes [N, P, 4] and scores [N, P], got {boxes.shape} and {scores.shape}")
     if len(infos) != boxes.shape[0]:
         raise ValueError(f"{len(infos)} resize infos for a batch of {boxes.shape[0]} images")
-    if not 0 <= extent_blend <= 1:
-        raise ValueError(f"extent_blend must be in [0, 1] (0: off), got {extent_blend}")
     if extent_blend > 0:
         if saliency is None:
             raise ValueError("extent_blend needs the detector's saliency output: re-export the detector "

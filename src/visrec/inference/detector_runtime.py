@@ -24,7 +24,7 @@ import paddle
 from paddle import nn
 
 from visrec.imaging import ResizeInfo, normalize_chw, pad_colour, resize_to_input
-from visrec.inference.detection_post import postprocess
+from visrec.inference.detection_post import check_calibration, postprocess
 from visrec.inference.export import export_layer, read_model_json
 from visrec.inference.predictors import Backend, Predictor
 
@@ -138,19 +138,14 @@ class Detector:
         self.batch_size = max(1, int(batch_size))
         self.score_threshold = float(self.meta["score_threshold"] if score_threshold is None else score_threshold)
         self.max_det = int(self.meta["max_det"] if max_det is None else max_det)
-        box_scale = float(self.meta.get("box_scale", 1.0) if box_scale is None else box_scale)
-        if not box_scale > 0:
-            raise ValueError(f"box_scale must be > 0 (recognition.det_box_scale), got {box_scale}")
-        self.box_scale = box_scale
-        # exports from before the prior have none in model.json: they keep their behaviour
-        center_prior = float(self.meta.get("center_prior", 0.0) if center_prior is None else center_prior)
-        if not center_prior >= 0:
-            raise ValueError(f"center_prior must be >= 0, 0 for none (recognition.det_center_prior), got {center_prior}")
-        self.center_prior = center_prior
-        self.extent_blend = float(self.meta.get("extent_blend", 0.0) if extent_blend is None else extent_blend)
-        if not 0 <= self.extent_blend <= 1:
-            raise ValueError(f"extent_blend must be in [0, 1], 0 for none (recognition.det_extent_blend), "
-                             f"got {self.extent_blend}")
+        # the caller's (recognition.det_*) value, else model.json's; exports from before a
+        # calibration have none of it in model.json and keep their behaviour
+        given = {"box_scale": box_scale, "center_prior": center_prior, "extent_blend": extent_blend}
+        neutral = {"box_scale": 1.0, "center_prior": 0.0, "extent_blend": 0.0}
+        calibration = {k: float(self.meta.get(k, neutral[k]) if v is None else v) for k, v in given.items()}
+        check_calibration(calibration, knob=lambda name: f"{name} (recognition.det_{name})")
+        self.box_scale, self.center_prior = calibration["box_scale"], calibration["center_prior"]
+        self.extent_blend = calibration["extent_blend"]
         self.consensus = bool(self.meta.get("consensus", False))
 
     @property

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from visrec.config import Config, DetectorConfig
 from visrec.imaging import load_image
 from visrec.data.det_dataset import DetectionDataset, make_detection_loader
-from visrec.inference.detection_post import postprocess
+from visrec.inference.detection_post import check_calibration, postprocess
 from visrec.inference.detector_runtime import DensePredictFn, dygraph_predict_fn, exported_predict_fn
 from visrec.metrics.detection import DETECTION_KEYS, coco_detection_metrics
 from visrec.models.registry import backbone_normalization
@@ -72,14 +72,11 @@ def detector_calibration(cfg: DetectorConfig, generated: bool) -> dict[str, Any]
     detector learned real extents, real scores and where photographers put things."""
     if not generated:
         return {"box_scale": 1.0, "center_prior": 0.0, "extent_blend": 0.0, "consensus": False}
+    calibration = {"box_scale": float(cfg.synthetic_box_scale), "center_prior": float(cfg.synthetic_center_prior),
+                   "extent_blend": float(cfg.synthetic_extent_blend)}
     # checked here, where the knob's name is known; the runtime would blame its recognition override
-    for knob, ok, rule in (("synthetic_box_scale", cfg.synthetic_box_scale > 0, "> 0"),
-                           ("synthetic_center_prior", cfg.synthetic_center_prior >= 0, ">= 0 (0: off)"),
-                           ("synthetic_extent_blend", 0 <= cfg.synthetic_extent_blend <= 1, "in [0, 1] (0: off)")):
-        if not ok:
-            raise ValueError(f"detector.{knob} must be {rule}, got {getattr(cfg, knob)}")
-    return {"box_scale": float(cfg.synthetic_box_scale), "center_prior": float(cfg.synthetic_center_prior),
-            "extent_blend": float(cfg.synthetic_extent_blend), "consensus": bool(cfg.synthetic_consensus)}
+    check_calibration(calibration, knob=lambda name: f"detector.synthetic_{name}")
+    return {**calibration, "consensus": bool(cfg.synthetic_consensus)}
 
 
 def export_calibration(cfg: Config) -> dict[str, Any]:
