@@ -199,8 +199,10 @@ def main() -> None:
         print(f"detector on the {len(queries)} query photos: AP50 {det['det_AP50']:.3f}, "
               f"COCO mAP {det['det_mAP']:.3f}, recall@0.5 {det['det_recall50']:.3f}")
     plot = write_per_class(work, runs)
-    (work / "summary.json").write_text(json.dumps(
-        {name: {k: v for k, v in run.items() if k != "rows"} for name, run in runs.items()}, indent=2) + "\n")
+    summary = {name: {k: v for k, v in run.items() if k != "rows"} for name, run in runs.items()}
+    if rec.detector:
+        summary["detector"] = det
+    (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"per-class top-1: {work / 'per_class_top1.csv'}, {plot}")
 
 

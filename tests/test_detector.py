@@ -272,6 +272,7 @@ def test_postprocess_maps_boxes_back_to_original_coordinates(policy):
 
 def test_only_a_detector_trained_on_generated_data_exports_a_calibration():
     cfg = Config()
+    cfg.detector.synthetic_extent_blend = 0.3  # off by default; a user's value must reach the export
     assert cfg.data.source == "synthetic"
     assert export_calibration(cfg) == {"box_scale": cfg.detector.synthetic_box_scale,
                                        "center_prior": cfg.detector.synthetic_center_prior,

@@ -63,8 +63,8 @@ def test_stage_graph_is_read_from_dvc_yaml(tmp_path):
 
 def test_stage_graph_of_this_repo_is_the_pipeline():
     graph = stage_graph(Path(__file__).resolve().parents[1])
-    assert graph == {"download": [], "split": ["download"], "validate": ["split"],
-                     "train_extractor": ["validate"], "train_detector": ["validate"],
+    assert graph == {"download": [], "scenes": [], "split": ["download"], "validate": ["split"],
+                     "train_extractor": ["validate"], "train_detector": ["scenes", "validate"],
                      "export": ["train_extractor", "train_detector"], "build_index": ["export"],
                      "evaluate": ["build_index"]}
 

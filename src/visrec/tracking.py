@@ -53,10 +53,11 @@ PIPELINE_RUN_ENV = "VISREC_PIPELINE_RUN"
 # the params sections each stage depends on (as in dvc.yaml's `params:`)
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "download": ("data",),
+    "scenes": ("data", "split", "detector"),
     "split": ("split",),
     "validate": ("validate",),
     "train_extractor": ("extractor",),
-    "train_detector": ("detector",),
+    "train_detector": ("detector", "data"),
     "export": ("export",),
     "build_index": ("index", "recognition"),
     "evaluate": ("evaluate", "recognition"),

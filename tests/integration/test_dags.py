@@ -62,15 +62,15 @@ print("RESULT" + json.dumps(out))
     assert retrain["schedule"] == "@daily" and retrain["catchup"] is False  # from VISREC_RETRAIN_SCHEDULE
     ups = {task: info["up"] for task, info in retrain["tasks"].items()}
     stage_ups = {
-        "download": [], "split": ["download"], "validate": ["split"],
-        "train_extractor": ["validate"], "train_detector": ["validate"],
+        "download": [], "scenes": [], "split": ["download"], "validate": ["split"],
+        "train_extractor": ["validate"], "train_detector": ["scenes", "validate"],
         "export": ["train_detector", "train_extractor"], "build_index": ["export"], "evaluate": ["build_index"]}
     assert ups == {  # every stage also takes the MLflow parent run id from start_tracking
         "start_tracking": [], **{k: sorted([*v, "start_tracking"]) for k, v in stage_ups.items()},
         "promotion_gate": ["evaluate"], "notify_service": ["promotion_gate"],
     }
-    for stage in ("download", "split", "validate", "train_extractor", "train_detector", "export", "build_index",
-                  "evaluate"):
+    for stage in ("download", "scenes", "split", "validate", "train_extractor", "train_detector", "export",
+                  "build_index", "evaluate"):
         assert retrain["tasks"][stage]["retries"] == 2 and retrain["tasks"][stage]["backoff"] > 1
 
     update = out["dags"]["visrec_gallery_update"]

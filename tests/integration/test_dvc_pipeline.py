@@ -38,8 +38,8 @@ TINY = {
     "evaluate.max_k": 5,
     "evaluate.baseline_calib_images": 16,
 }
-ALL_STAGES = {"download", "split", "validate", "train_extractor", "train_detector", "export", "build_index",
-              "evaluate"}
+ALL_STAGES = {"download", "scenes", "split", "validate", "train_extractor", "train_detector", "export",
+              "build_index", "evaluate"}
 
 
 def set_params(path: Path, values: dict) -> None:
@@ -93,6 +93,9 @@ def test_repro_then_nothing_then_only_downstream(repo_copy):
     assert (repo_copy / "data/export/extractor/model.json").exists()
     assert json.loads((repo_copy / "data/export/detector/model.json").read_text())["kind"] == "detector"
     assert (repo_copy / "data/detector/val_predictions.png").exists()
+    # the detector's second member trained on the photo-like scenes of the `scenes` stage
+    assert json.loads((repo_copy / "data/scenes/scenes.json").read_text())["styles"][0]["name"] == "style1"
+    assert json.loads((repo_copy / "data/detector/model_config.json").read_text())["members"] == 2
     assert (repo_copy / "data/evaluate/recall_curve.csv").exists()
 
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], repo_copy))

@@ -164,8 +164,12 @@ class DetectorConfig:
     pre_nms_top_k: int = 100
     synthetic_center_prior: float = 0.25  # trained on the generated set: scores weighed by closeness to the photo's centre
     synthetic_box_scale: float = 1.0  # trained on the generated set: its boxes grown this much at inference
-    synthetic_extent_blend: float = 0.15  # trained on the generated set: boxes moved this far to the backbone's salient extent
+    synthetic_extent_blend: float = 0.0  # trained on the generated set: boxes moved this far to the backbone's salient extent
     synthetic_consensus: bool = True  # trained on the generated set: scores from the agreement of the dense candidates
+    # trained on the generated set: one more FPN + head per style, each trained on scenes generated
+    # with data.synthetic changed by the style (the `scenes` stage), averaged with the first
+    synthetic_styles: list[dict[str, Any]] = field(
+        default_factory=lambda: [{"object_scale": [0.45, 1.1], "texture": 1.0}])
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(
         name="adamw", lr=0.008, weight_decay=0.0001, warmup_epochs=0.5, milestones=[]))
     batch_size: int = 32

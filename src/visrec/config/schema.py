@@ -30,6 +30,7 @@ class PathsConfig:
     validate: str = "data/validate"
     metrics: str = "data/metrics"
     extractor: str = "data/extractor"  # the finished training run (checkpoints, history)
+    scenes: str = "data/scenes"  # the detector's extra generated scene sets (detector.synthetic_styles)
     detector: str = "data/detector"  # the finished detector run (training works in data/detector.run/)
     export: str = "data/export"  # exported models: extractor/, detector/
     evaluate: str = "data/evaluate"

@@ -15,6 +15,11 @@ Inference: ``MainbodyDetector.predict`` returns decoded boxes and scores for eve
 location (dense, before NMS); thresholding, NMS and the mapping back to original
 coordinates live in ``visrec.inference.detection_post`` so that the dygraph and exported
 paths share them.
+
+Members: a detector may hold several FPN + head pairs ("members") on its one backbone, each
+trained on its own data (``visrec.training.detector`` trains them one by one, e.g. on
+generated scenes of different styles). ``predict`` averages them location by location: the
+score is the members' mean, the box their score-weighted mean. Training sees the first member.
 """
 
 from __future__ import annotations
@@ -118,12 +123,29 @@ def decode_boxes(points: paddle.Tensor, distances: paddle.Tensor) -> paddle.Tens
     return paddle.concat([points - distances[..., :2], points + distances[..., 2:]], axis=-1)
 
 
+def average_members(boxes: Sequence[paddle.Tensor], scores: Sequence[paddle.Tensor]) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """Members' dense boxes [N, P, 4] and scores [N, P] -> one set: mean score, score-weighted box.
+
+    Weighted by score because a member that sees nothing at a location (score ~0) has no
+    opinion on the box there; a plain mean would drag every box towards its guess.
+    """
+    if len(boxes) == 1:
+        return boxes[0], scores[0]
+    stacked_scores = paddle.stack(list(scores))  # [M, N, P]
+    weights = stacked_scores / paddle.clip(stacked_scores.sum(axis=0, keepdim=True), min=1e-9)
+    box = (paddle.stack(list(boxes)) * weights.unsqueeze(-1)).sum(axis=0)
+    return box, stacked_scores.mean(axis=0)
+
+
 class MainbodyDetector(nn.Layer):
-    def __init__(self, backbone: nn.Layer, strides: Sequence[int], neck_channels: int, head_convs: int):
+    def __init__(self, backbone: nn.Layer, strides: Sequence[int], neck_channels: int, head_convs: int,
+                 members: int = 1):
         super().__init__()
         strides = [int(s) for s in strides]
         if neck_channels < 1 or head_convs < 0:
             raise ValueError(f"neck_channels must be >= 1 and head_convs >= 0, got {neck_channels} and {head_convs}")
+        if members < 1:
+            raise ValueError(f"a detector needs at least one FPN + head member, got members={members}")
         own = list(getattr(backbone, "feature_strides", []))
         if own != strides:
             raise ValueError(
@@ -136,6 +158,9 @@ class MainbodyDetector(nn.Layer):
         self.strides = strides
         self.neck = FPN(backbone.feature_channels, neck_channels)
         self.head = SharedHead(neck_channels, head_convs, strides)
+        # members 2.. (the first keeps the names neck / head: one-member checkpoints load as before)
+        self.extra_necks = nn.LayerList([FPN(backbone.feature_channels, neck_channels) for _ in range(members - 1)])
+        self.extra_heads = nn.LayerList([SharedHead(neck_channels, head_convs, strides) for _ in range(members - 1)])
         self._points: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         # Set while a frozen backbone's stage outputs come from elsewhere (an exported copy of it,
         # visrec.training.frozen_backbone): eager Paddle spends ~90 % of a training step there.
@@ -152,8 +177,20 @@ class MainbodyDetector(nn.Layer):
         fast = self.stage_features is not None and paddle.in_dynamic_mode()
         return self.stage_features(x) if fast else self.backbone.forward_stages(x)
 
+    @property
+    def members(self) -> list[tuple[FPN, SharedHead]]:
+        return [(self.neck, self.head), *zip(self.extra_necks, self.extra_heads)]
+
+    def set_member(self, index: int, trained: "MainbodyDetector") -> None:
+        """Member ``index`` takes the FPN + head of ``trained`` (a one-member detector of the same shape)."""
+        if not 0 <= index < len(self.members):
+            raise IndexError(f"member {index} of a {len(self.members)}-member detector")
+        neck, head = self.members[index]
+        neck.set_state_dict(trained.neck.state_dict())
+        head.set_state_dict(trained.head.state_dict())
+
     def forward(self, x: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
-        """Raw outputs: logits [N, P] and distances [N, P, 4] (input pixels)."""
+        """Raw outputs of the first member (what training trains): logits [N, P] and distances [N, P, 4]."""
         return self.head(self.neck(self.stages(x)))
 
     def saliency(self, stages: list[paddle.Tensor]) -> paddle.Tensor:
@@ -166,12 +203,17 @@ class MainbodyDetector(nn.Layer):
         return last.mean(axis=1, keepdim=True)
 
     def predict(self, x: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
-        """Dense decoded boxes [N, P, 4] (x1 y1 x2 y2, input pixels), scores [N, P] and the
-        backbone's saliency [N, 1, h, w] (stride 32), from one backbone pass."""
+        """Dense decoded boxes [N, P, 4] (x1 y1 x2 y2, input pixels), scores [N, P] (the members
+        averaged) and the backbone's saliency [N, 1, h, w] (stride 32), from one backbone pass."""
         stages = self.stages(x)
-        logits, distances = self.head(self.neck(stages))
-        points, _ = self.points(x.shape[2], x.shape[3])
-        return decode_boxes(paddle.to_tensor(points), distances), F.sigmoid(logits), self.saliency(stages)
+        points = paddle.to_tensor(self.points(x.shape[2], x.shape[3])[0])
+        boxes, scores = [], []
+        for neck, head in self.members:
+            logits, distances = head(neck(stages))
+            boxes.append(decode_boxes(points, distances))
+            scores.append(F.sigmoid(logits))
+        box, score = average_members(boxes, scores)
+        return box, score, self.saliency(stages)
 
     def rep(self) -> None:
         if hasattr(self.backbone, "rep"):
@@ -206,7 +248,8 @@ def check_input_size(size: int, strides: Sequence[int]) -> None:
 
 
 def build_detector(cfg: Any) -> MainbodyDetector:
-    """Build from a ``DetectorConfig`` (or any object/dict with backbone, strides, neck_channels, head_convs)."""
+    """Build from a ``DetectorConfig`` (or any object/dict with backbone, strides, neck_channels, head_convs,
+    and optionally members: 1 unless given, e.g. by a finished run's ``model_config.json``)."""
     get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
     spec = dict(get("backbone") or {})
     if "name" not in spec:
@@ -216,9 +259,9 @@ def build_detector(cfg: Any) -> MainbodyDetector:
     backbone = build_backbone(name, **spec)
     spec.pop("pretrained", None)
     model = MainbodyDetector(backbone, get("strides", [8, 16, 32]), int(get("neck_channels", 48)),
-                             int(get("head_convs", 2)))
-    logger.info("MainbodyDetector: backbone %s %s, FPN %d ch, head %d convs, strides %s",
-                name, spec, model.neck.out_channels, len(model.head.dw), model.strides)
+                             int(get("head_convs", 2)), int(get("members", 1)))
+    logger.info("MainbodyDetector: backbone %s %s, FPN %d ch, head %d convs, strides %s, %d member(s)",
+                name, spec, model.neck.out_channels, len(model.head.dw), model.strides, len(model.members))
     return model
 
 

@@ -6,6 +6,10 @@ species) for validation. During training a fixed, evenly spread subset of
 ``best_model`` by AP50); after training the best model is evaluated on the whole
 validation set, and a picture of its predictions (red) beside the ground truth (green)
 is written for a few validation images.
+
+Trained on generated data, the detector gets one more FPN + head member per generated scene
+style (``detector.synthetic_styles``, sets made by ``visrec.data.scenes``), each trained the
+same way on its own scenes in ``members/styleK/``; the run's checkpoints then hold them all.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -37,7 +41,8 @@ from visrec.models.registry import backbone_normalization
 from visrec.models.weights import load_pretrained
 from visrec.models.detector import DetectionLoss, MainbodyDetector, build_detector, check_input_size
 from visrec.models.extractor import param_groups
-from visrec.training.checkpoint import load_checkpoint, load_finished_run, prepare_work_dir
+from visrec.training.checkpoint import (load_checkpoint, load_finished_run, prepare_work_dir,
+                                       prune_epoch_checkpoints, save_checkpoint)
 from visrec.training.engine import EngineConfig, Trainer, TrainerState
 from visrec.training.frozen_backbone import exported_stages
 from visrec.training.optim import build_optimizer, build_scheduler
@@ -89,12 +94,12 @@ def postprocess_params(cfg: DetectorConfig) -> dict[str, Any]:
             "pre_nms_top_k": cfg.pre_nms_top_k}
 
 
-def model_config(cfg: DetectorConfig) -> dict[str, Any]:
+def model_config(cfg: DetectorConfig, members: int = 1) -> dict[str, Any]:
     """What export and evaluation need to rebuild the network, feed it and read its outputs."""
     mean, std = normalization(cfg)  # resolved: model.json must say exactly what the network expects
     return {"backbone": cfg.backbone, "strides": cfg.strides, "neck_channels": cfg.neck_channels,
-            "head_convs": cfg.head_convs, "image": {**asdict(cfg.image), "mean": mean, "std": std},
-            "postprocess": postprocess_params(cfg)}
+            "head_convs": cfg.head_convs, "members": members,
+            "image": {**asdict(cfg.image), "mean": mean, "std": std}, "postprocess": postprocess_params(cfg)}
 
 
 def build_model(cfg: DetectorConfig) -> MainbodyDetector:
@@ -208,6 +213,44 @@ def train_detector(cfg: DetectorConfig, raw_root: Path, split_dir: Path, out_dir
     return model, state, stats
 
 
+def train_scene_members(cfg: DetectorConfig, first: MainbodyDetector, scene_sets: Sequence[tuple[Path, Path]],
+                        work_dir: Path) -> tuple[MainbodyDetector, dict[str, Any]]:
+    """One more FPN + head per generated scene set (``visrec.data.scenes``), each trained like the
+    first in ``work_dir/members/styleK/``; returns the detector holding them all and their figures.
+
+    Resuming (``cfg.resume`` set) continues a member from its own latest checkpoint, if it has one.
+    """
+    config = model_config(cfg, members=1 + len(scene_sets))
+    ensemble = build_detector({**config, "backbone": {k: v for k, v in cfg.backbone.items() if k != "pretrained"}})
+    ensemble.backbone.set_state_dict(first.backbone.state_dict())
+    ensemble.set_member(0, first)
+    figures: dict[str, Any] = {}
+    for index, (raw_root, split_dir) in enumerate(scene_sets, start=1):
+        member_dir = work_dir / "members" / f"style{index}"
+        latest = member_dir / "checkpoints" / "latest"
+        member_cfg = dataclasses.replace(cfg, resume=str(latest) if cfg.resume and latest.exists() else None)
+        logger.info("detector member %d of %d: scenes %s", index + 1, len(ensemble.members), raw_root)
+        member, state, stats = train_detector(member_cfg, raw_root, split_dir, member_dir)
+        best = member_dir / "checkpoints" / "best_model"
+        if best.exists():
+            load_checkpoint(best, member)
+        ensemble.set_member(index, member)
+        figures[f"style{index}"] = {"best_subset_AP50": state.best_metric, "train_images": stats["train_images"]}
+    ensemble.eval()
+    return ensemble, figures
+
+
+def save_members(model: MainbodyDetector, cfg: DetectorConfig, work_dir: Path, state: TrainerState) -> None:
+    """The whole detector becomes the run's ``best_model`` and ``latest`` (what export and resume
+    load, with a ``model_config.json`` naming its members); the first member's per-epoch
+    checkpoints go (they hold one member, and the config now says more)."""
+    ckpt_dir = work_dir / "checkpoints"
+    for name in ("best_model", "latest"):
+        save_checkpoint(ckpt_dir / name, model, None, state)
+    prune_epoch_checkpoints(ckpt_dir, 0)
+    (work_dir / MODEL_CONFIG_FILE).write_text(json.dumps(model_config(cfg, len(model.members)), indent=2) + "\n")
+
+
 def _draw(image: np.ndarray, boxes: np.ndarray, colour: tuple[int, int, int], scores: bool) -> None:
     boxes = np.asarray(boxes, dtype=np.float64)
     if boxes.size == 0:  # an image with no detection above the threshold
@@ -255,7 +298,7 @@ def final_evaluation(model: MainbodyDetector, cfg: DetectorConfig, raw_root: Pat
     dataset.preload()
     model.eval()
     with tempfile.TemporaryDirectory(prefix="visrec-det-eval-") as tmp:
-        predict = exported_predict_fn(model, model_config(cfg), Path(tmp) / "detector")
+        predict = exported_predict_fn(model, model_config(cfg, len(model.members)), Path(tmp) / "detector")
         metrics, detections = evaluate_detector(predict, dataset, cfg.eval_batch_size, postprocess_params(cfg),
                                                 progress=True)
     write_prediction_sheet(dataset, detections, out_dir / PREDICTIONS_PNG, cfg.vis_images)
@@ -266,11 +309,12 @@ def final_evaluation(model: MainbodyDetector, cfg: DetectorConfig, raw_root: Pat
 
 
 def run_training(cfg: DetectorConfig, raw_root: Path, split_dir: Path, out_dir: Path,
-                 metrics_file: Path) -> dict[str, Any]:
+                 metrics_file: Path, scene_sets: Sequence[tuple[Path, Path]] = ()) -> dict[str, Any]:
     """Train in ``<out_dir>.run/``, evaluate the best model on all validation images, promote to ``out_dir``.
 
-    A failed or killed run leaves the last good ``out_dir`` in place, and its own
-    checkpoints in the work directory for ``resume: latest``.
+    ``scene_sets`` (``(raw root, split dir)`` of generated scene sets) each add a member trained
+    on them (:func:`train_scene_members`). A failed or killed run leaves the last good
+    ``out_dir`` in place, and its own checkpoints in the work directory for ``resume: latest``.
     """
     raw_root, split_dir, out_dir, metrics_file = Path(raw_root), Path(split_dir), Path(out_dir), Path(metrics_file)
     work_dir, resume = prepare_work_dir(out_dir, cfg.resume, "detector")
@@ -281,9 +325,15 @@ def run_training(cfg: DetectorConfig, raw_root: Path, split_dir: Path, out_dir: 
     best = work_dir / "checkpoints" / "best_model"
     if best.exists():
         load_checkpoint(best, model)
+    members: dict[str, Any] = {}
+    if scene_sets:
+        model, members = train_scene_members(cfg, model, scene_sets, work_dir)
+        save_members(model, cfg, work_dir, state)
+        train_minutes = (time.perf_counter() - start) / 60
     final = final_evaluation(model, cfg, raw_root, split_dir, work_dir)
     summary = {**final, "best_subset_AP50": state.best_metric, "best_epoch": state.best_epoch,
-               "epochs": state.epoch, "train_minutes": round(train_minutes, 2), **stats}
+               "epochs": state.epoch, "train_minutes": round(train_minutes, 2), **stats,
+               **({"members": members} if members else {})}
     write_json(work_dir / SUMMARY_FILE, summary)
     replace_dir(work_dir, out_dir)
     write_json(metrics_file, summary)
