@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -163,3 +164,41 @@ def test_a_run_with_scene_sets_trains_a_member_on_each_and_exports_them_together
         np.testing.assert_allclose(dense[0], boxes, rtol=1e-4, atol=1e-3, err_msg=backend)
         np.testing.assert_allclose(dense[1], scores, rtol=1e-5, atol=1e-4, err_msg=backend)
         np.testing.assert_allclose(dense[2], saliency, rtol=1e-4, atol=1e-4, err_msg=backend)
+
+
+def test_a_run_killed_after_its_members_trained_resumes_without_training_them_again(tiny_set, tmp_path, monkeypatch):
+    import visrec.training.detector as training
+
+    root, split = tiny_set
+    generate_scene_sets(TINY, [PHOTO_LIKE], 2, tmp_path / "scenes", progress=False)
+    scene_sets = read_scene_sets(tmp_path / "scenes", [PHOTO_LIKE], TINY, 2)
+    cfg = tiny_config(epochs=2, eval_every=2)
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "save_members", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            run_training(cfg, root, split, tmp_path / "detector", tmp_path / "metrics.json", scene_sets=scene_sets)
+    work = tmp_path / "detector.run"
+    assert not (tmp_path / "detector").exists() and (work / "members" / "style1" / "checkpoints" / "latest").exists()
+    member_best = paddle.load(str(work / "members" / "style1" / "checkpoints" / "best_model" / "model.pdparams"))
+
+    trained = []
+    original = training.train_detector
+
+    def counting(member_cfg, *args, **kwargs):
+        model, state, stats = original(member_cfg, *args, **kwargs)
+        trained.append(state.global_step)
+        return model, state, stats
+
+    monkeypatch.setattr(training, "train_detector", counting)
+    summary = run_training(dataclasses.replace(cfg, resume="latest"), root, split, tmp_path / "detector",
+                           tmp_path / "metrics.json", scene_sets=scene_sets)
+    assert len(trained) == 2 and summary["members"]["style1"]["train_images"] == 12
+    for run in (tmp_path / "detector", tmp_path / "detector" / "members" / "style1"):
+        history = (run / "history.csv").read_text().splitlines()
+        assert len(history) == 1 + 2, run  # header + two epochs: nothing trained twice
+    model, _ = load_trained(tmp_path / "detector")
+    np.testing.assert_array_equal(model.members[1][1].cls.weight.numpy(), member_best["head.cls.weight"].numpy())

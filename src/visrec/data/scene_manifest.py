@@ -35,14 +35,14 @@ def read_scene_sets(out_dir: str | Path, styles: Sequence[Mapping[str, Any]], ba
     manifest = out_dir / MANIFEST
     if not manifest.exists():
         raise FileNotFoundError(f"{manifest} not found: generate the detector's scenes first (dvc repro scenes)")
-    entries = json.loads(manifest.read_text())["styles"]
+    contents = json.loads(manifest.read_text())
+    entries = contents["styles"]
     made = [e["settings"] for e in entries]
     if made != [dict(s) for s in styles]:
         raise ValueError(f"{out_dir} holds scenes for the styles {made}, but {STYLES_KNOB} asks for "
                          f"{[dict(s) for s in styles]}: regenerate them (dvc repro scenes)")
     if entries and base is not None and train_classes is not None:
-        manifest_made_for = json.loads(manifest.read_text()).get("made_for")
-        if manifest_made_for != made_for(base, train_classes):
+        if contents.get("made_for") != made_for(base, train_classes):
             raise ValueError(f"{out_dir} was generated from other data.synthetic / split.train_classes settings "
                              f"than the current ones: regenerate them (dvc repro scenes)")
     return [(out_dir / e["root"], out_dir / e["split"]) for e in entries]
