@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from visrec.inference.detector_runtime import Detector, export_detector
-from visrec.models.detector import build_detector
+from visrec.models.detector import MainbodyDetector
 from visrec.training.detector import load_trained
 from visrec.utils.logs import setup_logging
 
@@ -33,10 +33,7 @@ def main() -> None:
     model, config = load_trained(args.run_dir)
     if len(model.members) < 2:
         raise SystemExit(f"{args.run_dir} holds a one-member detector: nothing to compare")
-    first = build_detector({**config, "members": 1,
-                            "backbone": {k: v for k, v in config["backbone"].items() if k != "pretrained"}})
-    first.backbone.set_state_dict(model.backbone.state_dict())
-    first.set_member(0, model)
+    first = MainbodyDetector.from_members([model])
     first.eval()
     size = config["image"]["size"]
     batch = np.random.default_rng(0).uniform(-1, 1, (1, 3, size, size)).astype(np.float32)

@@ -132,7 +132,7 @@ def main() -> None:
         best = max(rows, key=lambda r: r[1])
         print(f"first member: best real AP50 as exported {best[1]:.3f} at epoch {best[0]}; last {rows[-1][1]:.3f} "
               f"(network alone {rows[-1][2]:.3f})")
-        styles = [] if args.train_on_real else styles_for(cfg.data.source, det.synthetic_styles)
+        styles = [] if args.train_on_real else styles_for(cfg.data, det.synthetic_styles)
         if styles:  # what the pipeline publishes: one more member per generated scene style
             scene_sets = [synthetic_set(dataclasses.replace(cfg, data=dataclasses.replace(
                 cfg.data, synthetic=styled(cfg.data.synthetic, style, i))), args.work) for i, style in enumerate(styles)]

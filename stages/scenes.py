@@ -9,7 +9,7 @@ from visrec.workflows.stage_runner import main
 
 
 def scenes(cfg: Config) -> None:
-    styles = styles_for(cfg.data.source, cfg.detector.synthetic_styles)
+    styles = styles_for(cfg.data, cfg.detector.synthetic_styles)
     generate_scene_sets(cfg.data.synthetic, styles, cfg.split.train_classes, Path(cfg.paths.scenes))
 
 

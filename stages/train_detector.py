@@ -10,7 +10,7 @@ from visrec.workflows.stage_runner import main
 
 
 def train(cfg: Config) -> None:
-    styles = styles_for(cfg.data.source, cfg.detector.synthetic_styles)
+    styles = styles_for(cfg.data, cfg.detector.synthetic_styles)
     run_training(cfg.detector, Path(cfg.paths.raw) / CUB_DIRNAME, Path(cfg.paths.split),
                  Path(cfg.paths.detector), Path(cfg.paths.metrics) / "train_detector.json",
                  scene_sets=read_scene_sets(Path(cfg.paths.scenes), styles, cfg.data.synthetic, cfg.split.train_classes))

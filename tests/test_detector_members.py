@@ -11,7 +11,7 @@ import pytest
 
 from test_detector import STRIDES, tiny_config
 from visrec.config import SyntheticConfig
-from visrec.config.schema import ConfigError
+from visrec.config.schema import ConfigError, DataConfig
 from visrec.data.scene_manifest import MANIFEST, read_scene_sets, styles_for
 from visrec.data.scenes import generate_scene_sets
 from visrec.inference.detector_runtime import Detector, dygraph_predict_fn, export_detector
@@ -111,7 +111,8 @@ def test_scene_sets_are_generated_per_style_split_and_checked(tmp_path):
         generate_scene_sets(TINY, [{"texture": 2.0}], 2, out, progress=False)
     assert (out / MANIFEST).read_text() == manifest
     # real photos need no scenes: an empty manifest
-    assert styles_for("/data/CUB_200_2011", [PHOTO_LIKE]) == [] and styles_for("synthetic", [PHOTO_LIKE])
+    assert styles_for(DataConfig(source="/data/CUB_200_2011"), [PHOTO_LIKE]) == []
+    assert styles_for(DataConfig(), [PHOTO_LIKE])
     assert generate_scene_sets(TINY, [], 2, tmp_path / "real", progress=False) == []
     assert read_scene_sets(tmp_path / "real", [], TINY, 2) == []
 

@@ -12,14 +12,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from visrec.config.schema import DataConfig
+
 MANIFEST = "scenes.json"
 STYLES_KNOB = "detector.synthetic_styles"
 
 
-def styles_for(source: str, styles: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The styles a pipeline on ``data.source`` trains members for: none on real photos (a detector
+def styles_for(data: DataConfig, styles: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The styles a pipeline on ``data`` trains members for: none on real photos (a detector
     trained on real boxes learned real objects; scenes would only dilute it)."""
-    return list(styles) if source == "synthetic" else []
+    return [] if data.real_photos else list(styles)
 
 
 def made_for(base: Any, train_classes: int) -> dict[str, Any]:

@@ -30,6 +30,9 @@ CALIBRATION_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "extent_blend": (lambda v: 0 <= v <= 1, "in [0, 1] (0: off)"),
 }
 
+# Their values that change nothing: what an export without a calibration behaves as.
+NEUTRAL_CALIBRATION: dict[str, float] = {"box_scale": 1.0, "center_prior": 0.0, "extent_blend": 0.0}
+
 
 def check_calibration(values: Mapping[str, float], knob: Callable[[str], str] = str) -> None:
     """Raise naming ``knob(name)`` (the setting a user turns) for a calibration out of its range."""

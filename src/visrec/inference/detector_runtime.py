@@ -24,7 +24,7 @@ import paddle
 from paddle import nn
 
 from visrec.imaging import ResizeInfo, normalize_chw, pad_colour, resize_to_input
-from visrec.inference.detection_post import check_calibration, postprocess
+from visrec.inference.detection_post import NEUTRAL_CALIBRATION, check_calibration, postprocess
 from visrec.inference.export import export_layer, read_model_json
 from visrec.inference.predictors import Backend, Predictor
 
@@ -141,8 +141,8 @@ class Detector:
         # the caller's (recognition.det_*) value, else model.json's; exports from before a
         # calibration have none of it in model.json and keep their behaviour
         given = {"box_scale": box_scale, "center_prior": center_prior, "extent_blend": extent_blend}
-        neutral = {"box_scale": 1.0, "center_prior": 0.0, "extent_blend": 0.0}
-        calibration = {k: float(self.meta.get(k, neutral[k]) if v is None else v) for k, v in given.items()}
+        calibration = {k: float(self.meta.get(k, NEUTRAL_CALIBRATION[k]) if v is None else v)
+                       for k, v in given.items()}
         check_calibration(calibration, knob=lambda name: f"{name} (recognition.det_{name})")
         self.box_scale, self.center_prior = calibration["box_scale"], calibration["center_prior"]
         self.extent_blend = calibration["extent_blend"]

@@ -177,6 +177,16 @@ class MainbodyDetector(nn.Layer):
         fast = self.stage_features is not None and paddle.in_dynamic_mode()
         return self.stage_features(x) if fast else self.backbone.forward_stages(x)
 
+    @classmethod
+    def from_members(cls, trained: Sequence["MainbodyDetector"]) -> "MainbodyDetector":
+        """A detector on the backbone of ``trained[0]`` (shared, not copied) whose members are the
+        first member of each of ``trained`` (detectors of the same shape, e.g. trained one by one)."""
+        first = trained[0]
+        model = cls(first.backbone, first.strides, first.neck.out_channels, len(first.head.dw), members=len(trained))
+        for index, detector in enumerate(trained):
+            model.set_member(index, detector)
+        return model
+
     @property
     def members(self) -> list[tuple[FPN, SharedHead]]:
         return [(self.neck, self.head), *zip(self.extra_necks, self.extra_heads)]

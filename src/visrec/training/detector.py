@@ -34,7 +34,7 @@ from tqdm import tqdm
 from visrec.config import Config, DetectorConfig
 from visrec.imaging import load_image
 from visrec.data.det_dataset import DetectionDataset, make_detection_loader
-from visrec.inference.detection_post import check_calibration, postprocess
+from visrec.inference.detection_post import NEUTRAL_CALIBRATION, check_calibration, postprocess
 from visrec.inference.detector_runtime import DensePredictFn, dygraph_predict_fn, exported_predict_fn
 from visrec.metrics.detection import DETECTION_KEYS, coco_detection_metrics
 from visrec.models.registry import backbone_normalization
@@ -76,7 +76,7 @@ def detector_calibration(cfg: DetectorConfig, generated: bool) -> dict[str, Any]
     the generated set (``generated``), the ``synthetic_*`` settings; after real boxes, none: such a
     detector learned real extents, real scores and where photographers put things."""
     if not generated:
-        return {"box_scale": 1.0, "center_prior": 0.0, "extent_blend": 0.0, "consensus": False}
+        return {**NEUTRAL_CALIBRATION, "consensus": False}
     calibration = {"box_scale": float(cfg.synthetic_box_scale), "center_prior": float(cfg.synthetic_center_prior),
                    "extent_blend": float(cfg.synthetic_extent_blend)}
     # checked here, where the knob's name is known; the runtime would blame its recognition override
@@ -86,7 +86,7 @@ def detector_calibration(cfg: DetectorConfig, generated: bool) -> dict[str, Any]
 
 def export_calibration(cfg: Config) -> dict[str, Any]:
     """:func:`detector_calibration` of the pipeline's detector, trained on ``data.source``."""
-    return detector_calibration(cfg.detector, cfg.data.source == "synthetic")
+    return detector_calibration(cfg.detector, generated=not cfg.data.real_photos)
 
 
 def postprocess_params(cfg: DetectorConfig) -> dict[str, Any]:
@@ -220,22 +220,19 @@ def train_scene_members(cfg: DetectorConfig, first: MainbodyDetector, scene_sets
 
     Resuming (``cfg.resume`` set) continues a member from its own latest checkpoint, if it has one.
     """
-    config = model_config(cfg, members=1 + len(scene_sets))
-    ensemble = build_detector({**config, "backbone": {k: v for k, v in cfg.backbone.items() if k != "pretrained"}})
-    ensemble.backbone.set_state_dict(first.backbone.state_dict())
-    ensemble.set_member(0, first)
-    figures: dict[str, Any] = {}
+    trained, figures = [first], {}
     for index, (raw_root, split_dir) in enumerate(scene_sets, start=1):
         member_dir = work_dir / "members" / f"style{index}"
         latest = member_dir / "checkpoints" / "latest"
         member_cfg = dataclasses.replace(cfg, resume=str(latest) if cfg.resume and latest.exists() else None)
-        logger.info("detector member %d of %d: scenes %s", index + 1, len(ensemble.members), raw_root)
+        logger.info("detector member %d of %d: scenes %s", index + 1, 1 + len(scene_sets), raw_root)
         member, state, stats = train_detector(member_cfg, raw_root, split_dir, member_dir)
         best = member_dir / "checkpoints" / "best_model"
         if best.exists():
             load_checkpoint(best, member)
-        ensemble.set_member(index, member)
+        trained.append(member)
         figures[f"style{index}"] = {"best_subset_AP50": state.best_metric, "train_images": stats["train_images"]}
+    ensemble = MainbodyDetector.from_members(trained)
     ensemble.eval()
     return ensemble, figures
 
